@@ -1,0 +1,116 @@
+"""Device mesh, the one logical-axis rules table, and sharding helpers.
+
+Parameters and activations are annotated with *logical* axis names; `RULES` maps
+each to a mesh axis (or None = replicated). A dimension that is not divisible by
+its mesh axes is replicated instead (e.g. SmolLM2's 3 KV heads on tensor=2), so any
+model runs on any mesh; `sharding_report` shows what was actually sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes. One table for the whole codebase.
+RULES: dict[str, tuple[str, ...] | str | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "cache_seq": None,
+    "act_embed": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """Mesh over `devices` (default: all). One of the sizes may be -1 (= the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh axes {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are available"
+        )
+    try:  # topology-aware device order on TPU / multi-host
+        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # noqa: BLE001 - CPU / odd counts: plain order is fine
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+    """Map logical axis names to a PartitionSpec; drop mesh axes that don't divide the dim."""
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        axes = RULES.get(name) if name is not None else None
+        if name is not None and name not in RULES:
+            raise KeyError(f"logical axis {name!r} has no entry in parallel.RULES")
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used)  # a mesh axis may shard only one dim
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+# ---- activation constraints -----------------------------------------------------------
+# The model calls `constrain(x, names)`; it is a no-op unless a mesh is active, so the
+# same model code runs unsharded in tests and sharded in the trainer.
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("ophsd_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape))
+
+
+def sharding_report(tree, max_lines: int = 40) -> str:
+    """One line per array: path, shape, partition spec."""
+    lines = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+        lines.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {spec}")
+    return "\n".join(lines[:max_lines])
