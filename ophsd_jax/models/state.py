@@ -35,8 +35,8 @@ def param_shardings(abstract_params, mesh: Mesh):
     """A tree like `abstract_params` holding each parameter's NamedSharding."""
 
     def one(var):
-        axes = var.get_metadata().get("axes", (None,) * var.value.ndim)
-        return var.replace(parallel.named_sharding(mesh, axes, var.value.shape))
+        axes = var.get_metadata().get("axes", (None,) * var.get_value().ndim)
+        return var.replace(parallel.named_sharding(mesh, axes, var.get_value().shape))
 
     return jax.tree.map(one, abstract_params, is_leaf=_is_var)
 
@@ -71,12 +71,12 @@ def place_params(cfg: ModelConfig, mesh: Mesh, get_array: Callable[[str, tuple, 
     flat_sh = flat_names(shardings)
     pure = {}
     for name, var in flat_names(abstract).items():
-        shape, dtype = tuple(var.value.shape), var.value.dtype
+        shape, dtype = tuple(var.get_value().shape), var.get_value().dtype
         host = get_array(name, shape, dtype)
         if tuple(host.shape) != shape:
             raise ValueError(f"parameter {name!r}: expected shape {shape}, got {tuple(host.shape)}")
         host = np.asarray(host, dtype=dtype) if host.dtype != dtype else host
-        arr = jax.make_array_from_callback(shape, flat_sh[name].value, lambda idx, h=host: np.ascontiguousarray(h[idx]))
+        arr = jax.make_array_from_callback(shape, flat_sh[name].get_value(), lambda idx, h=host: np.ascontiguousarray(h[idx]))
         _set_path(pure, name.split("."), arr)
     nnx.replace_by_pure_dict(abstract, pure)
     return graphdef, abstract
@@ -90,7 +90,7 @@ def _set_path(tree: dict, keys: list[str], value):
 
 def host_params(params) -> dict[str, np.ndarray]:
     """Gather every parameter to host numpy, keyed by flat name (for export)."""
-    return {name: np.asarray(jax.device_get(var.value)) for name, var in flat_names(params).items()}
+    return {name: np.asarray(jax.device_get(var.get_value())) for name, var in flat_names(params).items()}
 
 
 def cast_params(params, dtype):

