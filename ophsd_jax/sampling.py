@@ -1,0 +1,257 @@
+"""KV-cache sampler: jitted prefill + a `lax.while_loop` decode on the live parameters.
+
+Shapes are static per (batch bucket, prompt bucket, new-token bucket), so repeated
+calls compile once per bucket. Prompts are left-padded so every row writes the same
+cache slot each decode step. Parameters are an argument, never captured: the sampler
+always generates with the weights it is handed (the current training weights).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ophsd_jax import parallel
+from ophsd_jax.models import state as model_state
+from ophsd_jax.models.config import ModelConfig
+from ophsd_jax.models.transformer import KVCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+DEFAULT_NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class SampleOutput(NamedTuple):
+    tokens: list[list[int]]  # generated ids per prompt, up to and including the stop token
+    lengths: np.ndarray  # [n] number of generated tokens
+    logprobs: list[np.ndarray]  # per generated token: log p(token | prefix) under the model (T=1, unfiltered)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+
+def bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top_p: bool):
+    """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries -> -inf."""
+    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    if not (use_top_k or use_top_p):
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    if use_top_k:
+        k = jnp.clip(top_k, 1, logits.shape[-1])
+        kth = jnp.take_along_axis(sorted_logits, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        sorted_logits = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_logits, -jnp.inf)
+    if use_top_p:
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass
+        # strictly before it is < top_p (the top token always stays).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample_token(logits, key, temperature, top_k, top_p, *, greedy: bool, use_top_k: bool, use_top_p: bool):
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+class Sampler:
+    """Generates from token-id prompts; see `generate`."""
+
+    def __init__(self, cfg: ModelConfig, graphdef, mesh: Mesh, *, max_batch: int = 64,
+                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+                 new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS, cache_dtype: str | None = None,
+                 pad_id: int = 0, show_progress: bool = True):
+        self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.new_token_buckets = tuple(sorted(new_token_buckets))
+        self.cache_dtype = cache_dtype or cfg.dtype
+        self.pad_id = pad_id
+        self.show_progress = show_progress
+        # Batch rows are sharded over these mesh axes; batch buckets are multiples of it.
+        self.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.max_batch = max(self.batch_shards, max_batch - max_batch % self.batch_shards)
+        self.trace_count = 0  # incremented each time `_generate_chunk` is traced (= compiled)
+        self._jitted = jax.jit(self._generate_chunk, static_argnames=("n_new_bucket", "greedy", "use_top_k", "use_top_p"))
+
+    # ---- public ---------------------------------------------------------------------
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, rng: jax.Array,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 stop_tokens: Sequence[int] = ()) -> SampleOutput:
+        if not prompts:
+            return SampleOutput([], np.zeros((0,), np.int32), [])
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        n_new = bucket(max_new_tokens, self.new_token_buckets, "max_new_tokens")
+        chunks = [list(range(i, min(i + self.max_batch, len(prompts)))) for i in range(0, len(prompts), self.max_batch)]
+        tokens, lengths, logprobs = [None] * len(prompts), np.zeros(len(prompts), np.int32), [None] * len(prompts)
+        stop = np.full((max(8, len(stop_tokens)),), -1, np.int32)  # fixed size: no recompile per stop set
+        stop[: len(stop_tokens)] = list(stop_tokens)
+        progress = _progress(len(prompts), self.show_progress and len(chunks) > 1)
+        t0 = time.perf_counter()
+        for c, idx in enumerate(chunks):
+            out_tok, out_lp, out_len = self._run_chunk(params, [prompts[i] for i in idx], n_new, max_new_tokens,
+                                                        jax.random.fold_in(rng, c), temperature, top_k, top_p, stop)
+            for row, i in enumerate(idx):
+                n = int(out_len[row])
+                tokens[i], logprobs[i], lengths[i] = out_tok[row, :n].tolist(), out_lp[row, :n], n
+            progress.update(len(idx))
+        progress.close()
+        dt = time.perf_counter() - t0
+        log.debug("generated %d tokens for %d prompts in %.2fs", lengths.sum(), len(prompts), dt)
+        return SampleOutput(tokens, lengths, logprobs)
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _run_chunk(self, params, prompts, n_new, max_new_tokens, rng, temperature, top_k, top_p, stop):
+        n = len(prompts)
+        B = self.batch_shards
+        while B < n:  # batch bucket: powers of two times the batch-shard count
+            B *= 2
+        B = min(B, self.max_batch)
+        P = bucket(max(len(p) for p in prompts), self.prompt_buckets, "prompt length")
+        toks = np.full((B, P), self.pad_id, np.int32)
+        mask = np.zeros((B, P), np.int32)
+        for r, p in enumerate(prompts):  # left-pad: all rows share the write slot
+            toks[r, P - len(p):] = p
+            mask[r, P - len(p):] = 1
+        mask[n:, -1] = 1  # dummy rows see one (pad) token so their softmax is well defined
+        sh = parallel.named_sharding(self.mesh, ("batch", "seq"), (B, P))
+        greedy = float(temperature) == 0.0
+        out = self._jitted(params, jax.device_put(toks, sh), jax.device_put(mask, sh), rng,
+                           jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(stop),
+                           jnp.int32(max_new_tokens), n_new_bucket=n_new, greedy=greedy,
+                           use_top_k=(not greedy) and top_k > 0, use_top_p=(not greedy) and top_p < 1.0)
+        out_tok, out_lp, out_len = jax.device_get(out)
+        return out_tok[:n], out_lp[:n], out_len[:n]
+
+    def _generate_chunk(self, params, prompt, prompt_mask, rng, temperature, top_k, top_p, stop, max_new,
+                        *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool):
+        self.trace_count += 1
+        cfg, graphdef = self.cfg, self.graphdef
+        B, P = prompt.shape
+        S = P + n_new_bucket
+        sample = lambda logits, key: sample_token(logits, key, temperature, top_k, top_p, greedy=greedy,  # noqa: E731
+                                                  use_top_k=use_top_k, use_top_p=use_top_p)
+        with parallel.activation_mesh(self.mesh):
+            cache = KVCache.zeros(cfg, B, S, self.cache_dtype)
+            cache = KVCache(*(parallel.constrain(x, KVCache.AXES) for x in cache))
+            kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((B, n_new_bucket), jnp.int32)], axis=1)
+            positions = model_state.positions_from_mask(prompt_mask)
+            hidden, cache = model_state.forward(graphdef, params, prompt, positions, kv_mask, cache, 0)
+            logits = model_state.logits(graphdef, params, hidden[:, -1])
+            first = sample(logits, jax.random.fold_in(rng, 0))
+            out_tok = jnp.zeros((B, n_new_bucket), jnp.int32).at[:, 0].set(first)
+            out_lp = jnp.zeros((B, n_new_bucket), jnp.float32).at[:, 0].set(_token_logprob(logits, first))
+            done = jnp.isin(first, stop)
+            next_pos = positions[:, -1] + 1
+
+            def cond(carry):
+                step, _, _, _, _, done, _ = carry
+                return (step < max_new) & ~jnp.all(done)
+
+            def body(carry):
+                step, cache, kv_mask, out_tok, out_lp, done, pos = carry
+                slot = P + step - 1  # the previous token goes into this cache slot
+                kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
+                prev = jax.lax.dynamic_slice(out_tok, (0, step - 1), (B, 1))
+                hidden, cache = model_state.forward(graphdef, params, prev, pos[:, None], kv_mask, cache, slot)
+                logits = model_state.logits(graphdef, params, hidden[:, 0])
+                tok = sample(logits, jax.random.fold_in(rng, step))
+                tok = jnp.where(done, self.pad_id, tok)
+                lp = jnp.where(done, 0.0, _token_logprob(logits, tok))
+                out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
+                out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
+                done = done | jnp.isin(tok, stop)
+                return step + 1, cache, kv_mask, out_tok, out_lp, done, pos + 1
+
+            carry = (jnp.int32(1), cache, kv_mask, out_tok, out_lp, done, next_pos)
+            step, _, _, out_tok, out_lp, _, _ = jax.lax.while_loop(cond, body, carry)
+        # length: up to and including the first stop token, else all generated steps
+        is_stop = jnp.isin(out_tok, stop) & (jnp.arange(n_new_bucket) < step)
+        first_stop = jnp.argmax(is_stop, axis=1)
+        lengths = jnp.where(jnp.any(is_stop, axis=1), first_stop + 1, jnp.minimum(step, max_new))
+        return out_tok, out_lp, lengths
+
+
+def _token_logprob(logits, tok):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="seq", leave=False, disable=not enabled)
+
+
+# ---- chat level ------------------------------------------------------------------------
+
+
+class ChatOutput(NamedTuple):
+    texts: list[str]  # decoded, stop tokens removed
+    prompt_tokens: list[list[int]]
+    tokens: list[list[int]]  # generated ids (incl. the stop token when one was produced)
+    logprobs: list[np.ndarray]
+
+
+def generate_chat_tokens(sampler: Sampler, tokenizer, params, conversations: Sequence[list[dict]], *,
+                         max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, template_kwargs: dict | None = None) -> ChatOutput:
+    """Apply the chat template, generate, decode. The single entry point for rollouts and harnesses."""
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, **(template_kwargs or {}))
+               for m in conversations]
+    stop = tokenizer.stop_token_ids
+    out = sampler.generate(params, prompts, max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                           top_k=top_k, top_p=top_p, stop_tokens=stop)
+    stop_set = set(stop)
+    texts = [tokenizer.decode([t for t in toks if t not in stop_set]) for toks in out.tokens]
+    return ChatOutput(texts, prompts, out.tokens, out.logprobs)
+
+
+def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
+                       template_kwargs: dict | None = None, record: list | None = None) -> Callable[..., list[str]]:
+    """A `generate_chat(conversations, **sampling) -> texts` callable bound to `params`.
+
+    Each call draws a fresh key (fold_in of a call counter). If `record` is a list, each
+    call appends its ChatOutput (for logging token counts).
+    """
+    calls = [0]
+
+    def generate_chat(conversations, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      max_new_tokens: int | None = None) -> list[str]:
+        key = jax.random.fold_in(rng, calls[0])
+        calls[0] += 1
+        out = generate_chat_tokens(sampler, tokenizer, params, conversations,
+                                   max_new_tokens=max_new_tokens or default_max_new_tokens, rng=key,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, template_kwargs=template_kwargs)
+        if record is not None:
+            record.append(out)
+        return out.texts
+
+    return generate_chat

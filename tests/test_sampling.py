@@ -1,0 +1,167 @@
+"""Sampler: greedy parity with transformers.generate, log-probs, filtering statistics,
+compile counts, and sharded generation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import make_hf_model, save_hf_model
+from ophsd_jax import parallel
+from ophsd_jax.models import state as S
+from ophsd_jax.models.weights import load_hf
+from ophsd_jax.sampling import Sampler, filter_logits, sample_token
+
+PROMPTS = [[5, 17, 99, 23, 4, 61, 7], [250, 11], [42, 42, 8, 300, 19, 77, 150, 3, 9, 200, 12]]
+
+
+# (family, seed, init std) chosen so greedy decoding has no near-ties (asserted below).
+MODELS = {"llama": (6, 0.2), "qwen3": (0, 0.1)}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request, tmp_path_factory):
+    seed, std = MODELS[request.param]
+    hf = make_hf_model(request.param, seed=seed, init_std=std)
+    path = save_hf_model(hf, tmp_path_factory.mktemp(request.param))
+    cfg, graphdef, params = load_hf(path, parallel.single_device_mesh())
+    return hf, cfg, graphdef, params
+
+
+def hf_greedy(hf, prompts, max_new, stop):
+    T = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), T), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                      eos_token_id=stop or None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    scores = torch.stack(out.scores, 1)  # [B, steps, V]
+    rows = []
+    for i in range(len(prompts)):
+        gen = out.sequences[i, T:].tolist()
+        if stop:
+            hits = [j for j, t in enumerate(gen) if t in stop]
+            gen = gen[: hits[0] + 1] if hits else gen
+        rows.append(gen)
+    return rows, scores
+
+
+def assert_no_near_ties(scores, rows, min_gap=1e-2):
+    for i, row in enumerate(rows):
+        top2 = torch.topk(scores[i, : len(row)], 2, dim=-1).values
+        gap = (top2[:, 0] - top2[:, 1]).min().item()
+        assert gap > min_gap, f"row {i}: top-2 logits within {gap}; pick another seed"
+
+
+def test_greedy_matches_transformers_with_stop_tokens(model):
+    hf, cfg, graphdef, params = model
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False)
+    ref, scores = hf_greedy(hf, PROMPTS, 12, stop=None)
+    assert_no_near_ties(scores, ref)
+    ours = sampler.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0), temperature=0.0)
+    assert ours.tokens == ref
+    # A stop token taken from the middle of row 0's continuation: that row must end there.
+    stop = [ref[0][5]]
+    ref_s, _ = hf_greedy(hf, PROMPTS, 12, stop=stop)
+    ours_s = sampler.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0), temperature=0.0,
+                              stop_tokens=stop)
+    assert ours_s.tokens == ref_s
+    assert len(ours_s.tokens[0]) <= 6 and ours_s.tokens[0][-1] == stop[0]
+    assert list(ours_s.lengths) == [len(r) for r in ref_s]
+
+
+def test_logprobs_equal_teacher_forced_forward(model):
+    _, cfg, graphdef, params = model
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False)
+    out = sampler.generate(params, PROMPTS, max_new_tokens=10, rng=jax.random.key(1), temperature=1.0)
+    for prompt, gen, lp in zip(PROMPTS, out.tokens, out.logprobs):
+        seq = jnp.asarray([prompt + gen], jnp.int32)
+        m = jnp.ones_like(seq)
+        h, _ = S.forward(graphdef, params, seq, S.positions_from_mask(m), m)
+        logp = jax.nn.log_softmax(S.logits(graphdef, params, h)[0], axis=-1)
+        ref = np.asarray([logp[len(prompt) - 1 + j, t] for j, t in enumerate(gen)])
+        np.testing.assert_allclose(lp, ref, atol=1e-4)
+
+
+def _reference_filtered_probs(logits, temperature, top_k, top_p):
+    """Independent numpy filtering: sort, cut, renormalise."""
+    z = logits / temperature
+    order = np.argsort(-z)
+    keep = np.zeros_like(z, bool)
+    k = top_k if top_k > 0 else len(z)
+    p = np.exp(z[order[:k]] - z[order[0]])
+    p /= p.sum()
+    mass = 0.0
+    for j, idx in enumerate(order[:k]):
+        if mass >= top_p:
+            break
+        keep[idx] = True
+        mass += p[j]
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0),
+                                                     (1.0, 0, 0.8), (1.3, 4, 0.9)])
+def test_sampling_frequencies_match_filtered_distribution(temperature, top_k, top_p):
+    logits = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
+    expected = _reference_filtered_probs(logits.astype(np.float64), temperature, top_k, top_p)
+    n = 40000
+    keys = jax.random.split(jax.random.key(123), n)
+    draw = jax.jit(jax.vmap(lambda k: sample_token(
+        jnp.asarray(logits)[None], k, temperature, top_k, top_p, greedy=False,
+        use_top_k=top_k > 0, use_top_p=top_p < 1.0)[0]))
+    counts = np.bincount(np.asarray(draw(keys)), minlength=len(logits))
+    freq = counts / n
+    assert np.all(counts[expected == 0] == 0), f"filtered tokens were sampled: {counts}"
+    # 5-sigma binomial bound per token: fails for any wrong filter/temperature handling.
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 5 * sigma + 1e-9), (freq, expected)
+
+
+def test_filter_keeps_at_least_one_token():
+    logits = jnp.array([[5.0, 1.0, 0.0]])
+    f = filter_logits(logits, 1.0, 1, 0.01, use_top_k=True, use_top_p=True)
+    assert np.isfinite(np.asarray(f)).tolist() == [[True, False, False]]
+
+
+def test_one_compilation_per_bucket(model):
+    _, cfg, graphdef, params = model
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                      prompt_buckets=(16, 32), new_token_buckets=(8, 16))
+    # Same buckets (batch 3-4 -> 4 rows, prompts <= 16, new tokens <= 8), other lengths and settings.
+    calls = [(PROMPTS, 5, 1.0, 0, 1.0), (PROMPTS + [[9]], 7, 0.8, 0, 1.0), ([[1, 2, 3, 4] * 3] * 3, 8, 1.2, 0, 1.0)]
+    for i, (prompts, new, temp, top_k, top_p) in enumerate(calls):
+        sampler.generate(params, prompts, max_new_tokens=new, rng=jax.random.key(i), temperature=temp,
+                         top_k=top_k, top_p=top_p, stop_tokens=[i])
+    assert sampler.trace_count == 1
+    sampler.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0), temperature=1.0)  # new token bucket
+    assert sampler.trace_count == 2
+    sampler.generate(params, [[3] * 20], max_new_tokens=12, rng=jax.random.key(0), temperature=1.0)  # prompt bucket
+    assert sampler.trace_count == 3
+
+
+def test_large_batches_are_chunked(model):
+    _, cfg, graphdef, params = model
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=2, show_progress=False)
+    whole = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=8, show_progress=False)
+    prompts = PROMPTS + [[7, 8, 9], [100, 101]]
+    a = sampler.generate(params, prompts, max_new_tokens=6, rng=jax.random.key(0), temperature=0.0)
+    b = whole.generate(params, prompts, max_new_tokens=6, rng=jax.random.key(0), temperature=0.0)
+    assert a.tokens == b.tokens and len(a.tokens) == 5
+
+
+def test_sharded_generation_matches_single_device(model):
+    _, cfg, graphdef, params = model
+    single = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=8, show_progress=False)
+    ref = single.generate(params, PROMPTS * 2, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    placed = jax.device_put(params, S.param_shardings(params, mesh))
+    sharded = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False)
+    out = sharded.generate(placed, PROMPTS * 2, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0)
+    assert out.tokens == ref.tokens
+    for a, b in zip(out.logprobs, ref.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
