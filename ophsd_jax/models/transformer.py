@@ -103,14 +103,18 @@ class Decoder(nnx.Module):
         cos, sin = rope_tables(cfg, positions)
         params = {name: getattr(self.layers, name)[...] for name in layer_param_specs(cfg)}
 
-        def block(x, xs):
-            p, kv = xs
-            return _layer(cfg, x, p, cos, sin, mask, kv, cache_index)
+        # The cache rides in the scan carry and is updated in place at [layer, :, slot];
+        # passing it as scanned xs/ys would copy all of it every layer of every step.
+        def block(carry, xs):
+            x, kv = carry
+            p, layer = xs
+            x, kv = _layer(cfg, x, p, cos, sin, mask, kv, layer, cache_index)
+            return (x, kv), None
 
         if cfg.remat:
             block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(block, x, (params, kv_in))
+        (x, kv_out), _ = jax.lax.scan(block, (x, kv_in), (params, jnp.arange(cfg.num_layers)))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         new_cache = None if cache is None else KVCache(*kv_out)
         return x, new_cache
@@ -164,7 +168,7 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, :, None] + rot * sin[:, :, None]).astype(x.dtype)
 
 
-def _layer(cfg: ModelConfig, x, p, cos, sin, mask, kv, cache_index):
+def _layer(cfg: ModelConfig, x, p, cos, sin, mask, kv, layer, cache_index):
     dt = x.dtype
     w = lambda name: p[name].astype(dt)  # noqa: E731 - params live in param_dtype, math in compute dtype
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -179,9 +183,10 @@ def _layer(cfg: ModelConfig, x, p, cos, sin, mask, kv, cache_index):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is not None:
         ck, cv = kv
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-        kv = (k, v)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, cache_index, 0, 0))
+        kv = (ck, cv)
+        k, v = ck[layer], cv[layer]
     attn = attention(q, k.astype(dt), v.astype(dt), mask)
     x = x + jnp.einsum("bthk,hkd->btd", attn, w("wo"))
     x = constrain(x, ("batch", "seq", "act_embed"))

@@ -1,0 +1,194 @@
+"""The OPHSD train step: teacher forward, student forward, divergence, gradient and
+Optax update in one jitted function with explicit shardings and donated state.
+
+The math is the pure `loss_fn`; `make_train_step` only wires shardings, micro-batch
+accumulation and the optimizer around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ophsd_jax import parallel
+from ophsd_jax.distill.batch import PairBatch
+from ophsd_jax.distill.losses import divergence
+from ophsd_jax.models import state as model_state
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    kind: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    beta: float = 0.5  # JSD beta (0 = forward KL, 1 = reverse KL)
+    clip: float | None = None  # per-token divergence cap
+    teacher: str = "initial"  # "initial": frozen copy of the starting weights; "current": live weights, no grad
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many slices
+    remat_teacher: bool = False  # recompute the teacher forward instead of keeping it (memory)
+    tile: int = 256  # tokens whose [tile, V] logits exist at once in the loss
+    vocab_tile: int = 4096
+    keep_fraction: float | None = None  # entropy-weighted token subsampling
+    alpha: float = 1.0
+    gamma: float = 0.0
+    teacher_top_k: int | None = None
+
+    def __post_init__(self):
+        if self.teacher not in ("initial", "current"):
+            raise ValueError(f"teacher must be 'initial' or 'current', got {self.teacher!r}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-6
+    schedule: str = "constant"  # constant | warmup_cosine
+    warmup_steps: int = 0
+    total_steps: int = 150
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any  # nnx.State
+    opt_state: Any
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.schedule == "constant":
+        if cfg.warmup_steps:
+            return optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+        return optax.constant_schedule(cfg.learning_rate)
+    if cfg.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 0),
+                                                  max(cfg.total_steps, cfg.warmup_steps + 1))
+    raise ValueError(f"unknown schedule {cfg.schedule!r} (constant | warmup_cosine)")
+
+
+def decay_mask(params):
+    """True for weight matrices; False for norms and biases (by parameter name, since
+    stacked per-layer norms are 2-D)."""
+
+    def decays(path, _):
+        name = next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+        return not (name.endswith("norm") or name in ("bq", "bk", "bv"))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clip, then AdamW with `decay_mask`. A non-finite gradient skips the
+    update (params and moments unchanged); `skipped_updates` counts them."""
+    inner = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+    return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+
+
+def init_train_state(params, optimizer, mesh: Mesh) -> TrainState:
+    """Optimizer moments take the params' shardings; scalars are replicated on `mesh`."""
+    replicated = NamedSharding(mesh, P())
+    opt_state = jax.jit(optimizer.init)(params)
+    place = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, replicated)  # noqa: E731
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, jax.tree.map(place, opt_state))
+
+
+def _gather(hidden, index):
+    return jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, R, D]
+
+
+def loss_fn(params, teacher_params, batch: PairBatch, sample_weights, graphdef, cfg: StepConfig):
+    """OPHSD loss on one (micro-)batch: the student sees the bare prompt, the teacher the
+    harness context; both score the same response tokens."""
+    if teacher_params is None:  # "current": the live weights, with no gradient path
+        teacher_params = jax.lax.stop_gradient(params)
+    t = batch.teacher
+    teacher_forward = lambda p: model_state.forward(graphdef, p, t.tokens, t.positions, t.attn_mask)[0]  # noqa: E731
+    if cfg.remat_teacher:
+        teacher_forward = jax.checkpoint(teacher_forward)
+    h_teacher = jax.lax.stop_gradient(_gather(teacher_forward(teacher_params), t.resp_index))
+    s = batch.student
+    h_student, _ = model_state.forward(graphdef, params, s.tokens, s.positions, s.attn_mask)
+    h_student = _gather(h_student, s.resp_index)
+    return divergence(
+        h_student, h_teacher, model_state.lm_head(graphdef, params), batch.resp_mask,
+        kind=cfg.kind, beta=cfg.beta, clip=cfg.clip, tile=cfg.tile, vocab_tile=cfg.vocab_tile,
+        weights=sample_weights, teacher_lm_head=model_state.lm_head(graphdef, teacher_params),
+        keep_fraction=cfg.keep_fraction, alpha=cfg.alpha, gamma=cfg.gamma, teacher_top_k=cfg.teacher_top_k,
+    )
+
+
+_AUX_KEYS = ("tokens", "tokens_used", "student_entropy", "teacher_entropy", "divergence_mean", "divergence_max",
+             "clip_fraction")
+_COUNTS = ("tokens", "tokens_used")
+
+
+def _split_micro(tree, m: int):
+    return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), tree)
+
+
+def train_step(state: TrainState, teacher_params, batch: PairBatch, sample_weights, *, graphdef,
+               cfg: StepConfig, optimizer) -> tuple[TrainState, dict]:
+    """One update. Micro-batch gradients are combined token-weighted, so the result equals
+    the full-batch gradient of the token-mean loss."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    m = cfg.micro_batches
+
+    def micro(carry, xs):
+        g_acc, aux_acc = carry
+        mb, w = xs
+        (loss, aux), g = grad_fn(state.params, teacher_params, mb, w, graphdef, cfg)
+        n = aux["tokens_used"]  # weight of this slice in the token mean
+        g_acc = jax.tree.map(lambda a, b: a + n * b, g_acc, g)
+        aux = {"loss": loss, **aux}
+        aux_acc = {k: aux_acc[k] + (v if k in _COUNTS else n * v) for k, v in aux.items()}
+        return (g_acc, aux_acc), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    aux0 = {k: jnp.zeros((), jnp.float32) for k in ("loss",) + _AUX_KEYS}
+    (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), (_split_micro(batch, m), _split_micro(sample_weights, m)))
+    total = jnp.maximum(aux["tokens_used"], 1.0)
+    grads = jax.tree.map(lambda g: g / total, grads)
+    aux = {k: v if k in _COUNTS else v / total for k, v in aux.items()}
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(grad_norm=optax.tree.norm(grads), skipped_updates=opt_state.total_notfinite, **aux)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+class TrainStep:
+    """`train_step` jitted once per bucket shape, with the state's shardings pinned and donated."""
+
+    def __init__(self, graphdef, cfg: StepConfig, optimizer, mesh: Mesh, state: TrainState):
+        self.mesh = mesh
+        self.trace_count = 0
+        self.batch_sharding = NamedSharding(mesh, P(tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None))
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        params_sh = state_sh.params
+
+        def step(state, teacher_params, batch, weights):
+            self.trace_count += 1
+            with parallel.activation_mesh(mesh):
+                return train_step(state, teacher_params, batch, weights, graphdef=graphdef, cfg=cfg,
+                                  optimizer=optimizer)
+
+        teacher_sh = None if cfg.teacher == "current" else params_sh
+        self._step = jax.jit(step, in_shardings=(state_sh, teacher_sh, self.batch_sharding, self.batch_sharding),
+                             out_shardings=(state_sh, None), donate_argnums=0)
+
+    def __call__(self, state: TrainState, teacher_params, batch: PairBatch, sample_weights=None):
+        if sample_weights is None:
+            sample_weights = batch.row_mask
+        batch = PairBatch(batch.student, batch.teacher, batch.resp_tokens, batch.resp_mask, batch.row_mask)
+        return self._step(state, teacher_params, batch, jnp.asarray(sample_weights, jnp.float32))
