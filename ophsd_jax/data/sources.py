@@ -1,0 +1,107 @@
+"""Where examples come from: a JSON-serialisable source spec -> example dicts.
+
+A spec is a plain dict so it can live in an ml_collections config and be
+hashed into a dataset fingerprint:
+
+    {"kind": "gsm8k_jsonl", "path": "train.jsonl", "on_error": "skip"}
+    {"kind": "reasoning_gym", "size": 2000, "seed": 0, "families": ["chain_sum"]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+import numpy as np
+
+from ophsd_jax.data.generated_math import FAMILIES, generate_math_problems
+from ophsd_jax.data.load_lawbench import load_lawbench
+from ophsd_jax.data.load_math import load_gsm8k_jsonl, load_math_json
+from ophsd_jax.data.load_uspto import load_uspto_csv, load_uspto_json
+
+FILE_LOADERS = {
+    "math_json": load_math_json,
+    "gsm8k_jsonl": load_gsm8k_jsonl,
+    "lawbench_json": load_lawbench,
+    "uspto_csv": load_uspto_csv,
+    "uspto_json": load_uspto_json,
+}
+GENERATED_KINDS = ("reasoning_gym",)
+# Which source kinds make sense for which task.
+TASK_KINDS = {
+    "math": ("math_json", "gsm8k_jsonl", "reasoning_gym"),
+    "lawbench": ("lawbench_json",),
+    "uspto": ("uspto_csv", "uspto_json"),
+}
+_FILE_KEYS = {"kind", "path", "on_error"}
+# on_error is accepted (and unused) so one config can set it for any kind.
+_GENERATED_KEYS = {"kind", "size", "seed", "families", "on_error"}
+
+
+def check_spec(spec: dict) -> dict:
+    """Validate a source spec; returns a normalised copy (defaults filled in)."""
+    spec = dict(spec)
+    kind = spec.get("kind")
+    if kind in FILE_LOADERS:
+        unknown = set(spec) - _FILE_KEYS
+        if unknown:
+            raise ValueError(f"source spec: unknown keys {sorted(unknown)} for kind {kind!r}")
+        if not spec.get("path"):
+            raise ValueError(f"source spec: kind {kind!r} needs 'path'")
+        spec["path"] = str(pathlib.Path(spec["path"]).expanduser().resolve())
+        spec.setdefault("on_error", "raise")
+    elif kind in GENERATED_KINDS:
+        unknown = set(spec) - _GENERATED_KEYS
+        if unknown:
+            raise ValueError(f"source spec: unknown keys {sorted(unknown)} for kind {kind!r}")
+        spec.pop("on_error", None)
+        spec.setdefault("seed", 0)
+        spec["families"] = list(spec.get("families") or FAMILIES)
+        if int(spec.get("size", 0)) < 1:
+            raise ValueError("source spec: kind 'reasoning_gym' needs 'size' >= 1")
+    else:
+        raise ValueError(f"source spec: unknown kind {kind!r}; choose from {sorted(FILE_LOADERS) + list(GENERATED_KINDS)}")
+    return spec
+
+
+def load_source(spec: dict) -> tuple[list[dict], dict | None]:
+    """Examples for a spec, plus the loader's report (None for generated data)."""
+    spec = check_spec(spec)
+    if spec["kind"] in GENERATED_KINDS:
+        return generate_math_problems(int(spec["size"]), int(spec["seed"]), tuple(spec["families"])), None
+    examples, report = FILE_LOADERS[spec["kind"]](spec["path"], on_error=spec["on_error"])
+    return examples, report.to_dict()
+
+
+def fingerprint(spec: dict, extra: dict) -> str:
+    """Short hash of the spec, split settings and the file's bytes: a new one rebuilds."""
+    spec = check_spec(spec)
+    h = hashlib.sha256(json.dumps({"spec": spec, "extra": extra}, sort_keys=True).encode())
+    if "path" in spec:
+        path = pathlib.Path(spec["path"])
+        if path.is_file():
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def split_examples(examples: list[dict], validation_size: float | int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/validation split: a seeded choice of validation rows.
+
+    `validation_size` is a count (int >= 0) or a fraction in [0, 1). Both
+    splits keep the file's order, so the split is readable and stable.
+    """
+    n = len(examples)
+    if isinstance(validation_size, float) and not isinstance(validation_size, bool):
+        if not 0.0 <= validation_size < 1.0:
+            raise ValueError(f"validation_size fraction must be in [0, 1), got {validation_size}")
+        n_val = int(round(validation_size * n))
+    else:
+        n_val = int(validation_size)
+    if not 0 <= n_val < n:
+        raise ValueError(f"validation_size {validation_size} leaves no training data out of {n} examples")
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    train = [e for e, c in zip(examples, chosen) if not c]
+    val = [e for e, c in zip(examples, chosen) if c]
+    return train, val

@@ -1,0 +1,71 @@
+"""OPSD baseline: the teacher sees the problem plus the reference solution.
+
+The teacher context is the student's prompt with the reference solution
+and an instruction to understand it and then solve the problem in its own
+words. It needs no model call to build; `generate=True` also samples a
+response under that context (for evaluating the privileged teacher).
+Examples without a worked solution fall back to the reference answer
+(mode `opsd_answer_only`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ophsd_jax.harnesses.base import HarnessResult, SamplingConfig, call_model, config_from, trace_entry
+
+
+@dataclasses.dataclass
+class OPSDConfig(SamplingConfig):
+    generate: bool = False
+    max_tokens: int = 4096
+
+
+def opsd_messages(student_messages: list[dict], reference: str, answer_only: bool) -> list[dict]:
+    what = "reference answer" if answer_only else "reference solution"
+    problem = student_messages[-1]["content"]
+    user = (
+        f"{problem}\n\n"
+        f"Here is a {what} to this problem:\n{reference}\n\n"
+        f"First make sure you understand the {what}. Then solve the problem yourself, "
+        "in your own words and your own way, without copying it."
+    )
+    return list(student_messages[:-1]) + [{"role": "user", "content": user}]
+
+
+class OPSDHarness:
+    name = "opsd"
+
+    def __init__(self, task, config=None):
+        self.task = task
+        self.config = config_from(OPSDConfig, config)
+
+    def run(self, examples: list[dict], generate_chat) -> list[HarnessResult]:
+        contexts, modes = [], []
+        for e in examples:
+            solution = self.task.reference_solution(e)
+            answer_only = not solution.strip()
+            reference = self.task.reference_answer(e) if answer_only else solution
+            contexts.append(opsd_messages(self.task.student_messages(e), reference, answer_only))
+            modes.append("opsd_answer_only" if answer_only else "opsd")
+        responses = [""] * len(examples)
+        if self.config.generate:
+            responses = call_model(generate_chat, self.name, "solve", contexts, self.config, self.config.max_tokens)
+        return [
+            HarnessResult(
+                teacher_messages=ctx,
+                final_response=resp,
+                mode=mode,
+                trace=[trace_entry("solve", ctx, resp)] if self.config.generate else [],
+            )
+            for ctx, resp, mode in zip(contexts, responses, modes)
+        ]
+
+    def observe(self, examples: list[dict]) -> None:
+        """Stateless."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

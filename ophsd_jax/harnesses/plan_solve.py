@@ -1,0 +1,77 @@
+"""Plan–Solve harness for math: a planner call, then a solver call.
+
+1. Plan: the problem (its trailing "\\boxed{}" instruction removed, so the
+   planner outlines instead of solving) and, with `use_gt`, the reference
+   solution. Thinking blocks are stripped from the plan.
+2. Solve: problem + plan (+ the reference answer, for checking only, with
+   `use_gt`). Its messages are the teacher context. An empty plan falls back
+   to a plain solve prompt (mode `solve_only`).
+
+`use_gt=False` drops the reference answer and solution before any prompt is
+built, so nothing from the references can reach the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ophsd_jax.data.parsing import strip_boxed_instruction, strip_thinking
+from ophsd_jax.harnesses import plan_solve_prompts as prompts
+from ophsd_jax.harnesses.base import HarnessResult, SamplingConfig, call_model, config_from, trace_entry
+
+
+@dataclasses.dataclass
+class PlanSolveConfig(SamplingConfig):
+    use_gt: bool = True
+    plan_max_tokens: int = 1024
+    solve_max_tokens: int = 4096
+
+
+class PlanSolveHarness:
+    name = "plan_solve"
+
+    def __init__(self, task, config=None):
+        self.task = task
+        self.config = config_from(PlanSolveConfig, config)
+
+    def _references(self, example: dict) -> tuple[str, str]:
+        """(answer, solution) to show, or ("", "") when use_gt is off."""
+        if not self.config.use_gt:
+            return "", ""
+        return self.task.reference_answer(example), self.task.reference_solution(example)
+
+    def run(self, examples: list[dict], generate_chat) -> list[HarnessResult]:
+        cfg = self.config
+        problems = [strip_boxed_instruction(self.task.problem_text(e)) for e in examples]
+        refs = [self._references(e) for e in examples]
+
+        plan_msgs = [prompts.plan_messages(p, solution) for p, (_, solution) in zip(problems, refs)]
+        plans = call_model(generate_chat, self.name, "plan", plan_msgs, cfg, cfg.plan_max_tokens)
+        clean_plans = [strip_thinking(p) for p in plans]
+
+        solve_msgs = [
+            prompts.solve_messages(p, plan, answer) if plan else prompts.solve_only_messages(p, answer)
+            for p, plan, (answer, _) in zip(problems, clean_plans, refs)
+        ]
+        solves = call_model(generate_chat, self.name, "solve", solve_msgs, cfg, cfg.solve_max_tokens)
+
+        results = []
+        for i in range(len(examples)):
+            trace = [trace_entry("plan", plan_msgs[i], plans[i]), trace_entry("solve", solve_msgs[i], solves[i])]
+            results.append(HarnessResult(
+                teacher_messages=solve_msgs[i],
+                final_response=solves[i],
+                mode="plan_solve" if clean_plans[i] else "solve_only",
+                trace=trace,
+                info={"plan": clean_plans[i]},
+            ))
+        return results
+
+    def observe(self, examples: list[dict]) -> None:
+        """Stateless: nothing to learn from labelled examples."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
