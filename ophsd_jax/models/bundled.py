@@ -124,3 +124,12 @@ def load_bundled(mesh: Mesh, path: str | None = None, **config_overrides):
     get_array = assemble(cfg, {k: (lambda v=v: v) for k, v in tensors.items()}, source=path)
     graphdef, params = model_state.place_params(cfg, mesh, get_array)
     return cfg, graphdef, params, Tokenizer.from_gguf_fields(fields)
+
+
+def load_bundled_tokenizer(path: str | None = None) -> Tokenizer:
+    """Only the tokenizer (no weights are dequantized)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path or bundled_gguf_path())
+    return Tokenizer.from_gguf_fields({k: f.contents() for k, f in reader.fields.items()
+                                       if k.startswith("tokenizer.")})

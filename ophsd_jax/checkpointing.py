@@ -1,0 +1,115 @@
+"""Orbax checkpoints of a training run: train state + host-side state (JSON + arrays).
+
+One directory per step under `<workdir>/checkpoints/`. Orbax writes each step to a
+temporary directory and renames it when complete, so an interrupted save never looks
+like a checkpoint. `restore_latest` walks back from the newest step when a checkpoint
+cannot be read (truncated or corrupt files), reporting each one it skips.
+
+Saved per step:
+  state  - TrainState (params, optimizer state, step) with its shardings
+  host   - JSON: data-iterator position, RNG seed/key data, harness state (texts,
+           labels), anything the trainer needs to continue exactly
+  arrays - numpy arrays of host state (e.g. memory-bank embeddings), never pickled
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=("state", "host", "arrays"))
+
+    def steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def save(self, step: int, state, host: dict, arrays: dict[str, np.ndarray] | None = None,
+             force: bool = True) -> None:
+        """Start an (async) save; `wait()` or the next save finishes it."""
+        # Orbax cannot save an empty tree or zero-size arrays: keep a 1-element placeholder.
+        arrays = {k: np.asarray(v) for k, v in (arrays or {}).items() if np.size(v)} or \
+            {"_empty": np.zeros((1,), np.float32)}
+        self._mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            host=ocp.args.JsonSave(host),
+            arrays=ocp.args.PyTreeSave(arrays),
+        ), force=force)
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict[str, np.ndarray]]:
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            host=ocp.args.JsonRestore(),
+            arrays=ocp.args.PyTreeRestore(),
+        ))
+        arrays = {k: np.asarray(v) for k, v in dict(out["arrays"]).items() if k != "_empty"}
+        return out["state"], dict(out["host"]), arrays
+
+    def restore_latest(self, abstract_state, *, max_step: int | None = None):
+        """(step, state, host, arrays) from the newest readable checkpoint, or None."""
+        for step in reversed(self.steps()):
+            if max_step is not None and step > max_step:
+                continue
+            try:
+                state, host, arrays = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
+                continue
+            return step, state, host, arrays
+        return None
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs with the shardings of `tree` (the restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+_ARRAY_REF = "__array__"
+
+
+def split_arrays(tree, prefix: str = ""):
+    """Nested dict/list state -> (JSON-able tree with array references, {key: ndarray})."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(x, path):
+        if isinstance(x, np.ndarray):
+            arrays[path] = x
+            return {_ARRAY_REF: path}
+        if isinstance(x, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+        return x
+
+    return walk(tree, prefix), arrays
+
+
+def join_arrays(tree, arrays: dict[str, np.ndarray]):
+    """Inverse of `split_arrays`."""
+    if isinstance(tree, dict):
+        if set(tree) == {_ARRAY_REF}:
+            return arrays[tree[_ARRAY_REF]]
+        return {k: join_arrays(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [join_arrays(v, arrays) for v in tree]
+    return tree

@@ -1,0 +1,183 @@
+"""The run configuration: every key with its default and meaning, plus validation.
+
+Config files under `configs/` start from `base_config()` and change what their task
+needs; `--config.key=value` overrides any key from the command line (ml_collections
+rejects keys that do not exist). `validate()` runs once at start-up and names the key
+of any bad value.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.seed = 0
+
+    # ---- model ------------------------------------------------------------------------
+    c.model = mlc.ConfigDict()
+    c.model.source = "bundled"  # bundled (SmolLM2-135M-Instruct GGUF) | hf (a folder) | random (tests)
+    c.model.path = ""  # Hugging Face folder for source=hf
+    c.model.tokenizer = ""  # tokenizer folder for source=random ("" = the bundled SmolLM2 tokenizer)
+    c.model.param_dtype = "float32"  # float32 | bfloat16
+    c.model.dtype = "float32"  # compute dtype
+    c.model.remat = False  # rematerialise each layer in the backward pass
+    c.model.random = mlc.ConfigDict()  # ModelConfig fields for source=random
+    c.model.random.family = "llama"
+    c.model.random.hidden_size = 64
+    c.model.random.intermediate_size = 128
+    c.model.random.num_layers = 2
+    c.model.random.num_heads = 4
+    c.model.random.num_kv_heads = 2
+    c.model.random.head_dim = 16
+    c.model.random.tie_word_embeddings = True
+    c.model.chat_template_kwargs = mlc.ConfigDict()  # e.g. enable_thinking=False for Qwen3
+    c.model.chat_template_kwargs.enable_thinking = False
+
+    # ---- devices ----------------------------------------------------------------------
+    c.mesh = mlc.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.tensor = 1
+
+    # ---- task and data ---------------------------------------------------------------
+    c.task = "math"  # math | lawbench | uspto
+    c.data = mlc.ConfigDict()
+    # A source spec: {"kind": ..., "path": ...} (see ophsd_jax/data/sources.py).
+    c.data.train = mlc.ConfigDict({"kind": "reasoning_gym", "size": 2000, "seed": 0})
+    c.data.eval = mlc.ConfigDict()  # empty: hold out `validation_size` examples from train
+    c.data.validation_size = 64
+    c.data.on_error = "raise"  # raise | skip: bad rows in data files
+
+    # ---- harness (teacher context) ------------------------------------------------------
+    c.harness = mlc.ConfigDict()
+    c.harness.name = ""  # plan_solve | draft_verify | opsd ("" = the task's default)
+    c.harness.options = mlc.ConfigDict()  # the harness's own options (sampling, use_gt, k's ...)
+
+    # ---- rollouts (the student answering bare prompts, on-policy) ------------------------
+    c.rollout = mlc.ConfigDict()
+    c.rollout.max_new_tokens = 256
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+
+    # ---- distillation step ----------------------------------------------------------------
+    c.distill = mlc.ConfigDict()
+    c.distill.kind = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    c.distill.beta = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
+    c.distill.clip = 0.0  # per-token divergence cap (0 = off)
+    c.distill.teacher = "initial"  # initial (frozen starting weights) | current (live weights, no grad)
+    c.distill.micro_batches = 1
+    c.distill.remat_teacher = False
+    c.distill.tile = 256
+    c.distill.keep_fraction = 1.0  # < 1: entropy-weighted token subsampling
+    c.distill.reward_weight_beta = 0.0  # > 0: per-sample weights softmax(harness reward / beta) * n
+    c.distill.max_response_tokens = 0  # cap on response tokens in the loss (0 = all)
+    c.distill.student_buckets = (256, 512, 1024, 2048, 4096)
+    c.distill.teacher_buckets = (512, 1024, 2048, 4096, 8192, 12288)
+    c.distill.response_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+    # ---- optimizer ---------------------------------------------------------------------
+    c.optim = mlc.ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.schedule = "constant"  # constant | warmup_cosine
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    # ---- loop --------------------------------------------------------------------------
+    c.train = mlc.ConfigDict()
+    c.train.steps = 150
+    c.train.batch_size = 64  # prompts per step (one rollout each)
+    c.train.eval_every = 10
+    c.train.eval_before = True
+    c.train.save_every = 10
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoints = True
+    c.train.profile_steps = ()  # e.g. (5, 6): jax.profiler trace of these steps into workdir/profile
+
+    # ---- sampler -----------------------------------------------------------------------
+    c.sampler = mlc.ConfigDict()
+    c.sampler.max_batch = 64  # rows per generation call; larger batches are chunked
+    c.sampler.prompt_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    c.sampler.new_token_buckets = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+    # ---- evaluation ---------------------------------------------------------------------
+    c.eval = mlc.ConfigDict()
+    c.eval.num_examples = 64  # 0 = all held-out examples
+    c.eval.k = 1  # samples per problem: avg@k and pass@k
+    c.eval.temperature = 0.6
+    c.eval.top_p = 0.8
+    c.eval.top_k = 20
+    c.eval.max_new_tokens = 256
+    c.eval.harness = True  # also measure accuracy with the harness re-attached
+    return c
+
+
+_CHOICES = {
+    "model.source": ("bundled", "hf", "random"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16"),
+    "task": ("math", "lawbench", "uspto"),
+    "data.on_error": ("raise", "skip"),
+    "harness.name": ("", "plan_solve", "draft_verify", "opsd"),
+    "distill.kind": ("reverse_kl", "forward_kl", "jsd"),
+    "distill.teacher": ("initial", "current"),
+    "optim.schedule": ("constant", "warmup_cosine"),
+}
+_POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+             "rollout.max_new_tokens", "eval.k", "eval.max_new_tokens", "sampler.max_batch", "distill.micro_batches",
+             "distill.tile")
+_NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
+                 "distill.clip", "distill.reward_weight_beta", "distill.max_response_tokens", "eval.num_examples",
+                 "rollout.temperature", "eval.temperature")
+
+
+class ConfigValueError(ValueError):
+    pass
+
+
+def _get(c, dotted):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def validate(c: mlc.ConfigDict) -> None:
+    """Raise ConfigValueError naming the first bad key."""
+    def bad(key, why):
+        raise ConfigValueError(f"config.{key}: {why} (got {_get(c, key)!r})")
+
+    for key, choices in _CHOICES.items():
+        if _get(c, key) not in choices:
+            bad(key, f"must be one of {list(choices)}")
+    for key in _POSITIVE:
+        if not _get(c, key) > 0:
+            bad(key, "must be > 0")
+    for key in _NON_NEGATIVE:
+        if not _get(c, key) >= 0:
+            bad(key, "must be >= 0")
+    if not 0 < c.distill.keep_fraction <= 1:
+        bad("distill.keep_fraction", "must be in (0, 1]")
+    if not 0 <= c.distill.beta <= 1:
+        bad("distill.beta", "must be in [0, 1]")
+    for key in ("rollout.top_p", "eval.top_p"):
+        if not 0 < _get(c, key) <= 1:
+            bad(key, "must be in (0, 1]")
+    if c.model.source == "hf" and not c.model.path:
+        bad("model.path", "is required when model.source='hf'")
+    if c.train.batch_size % c.distill.micro_batches:
+        bad("distill.micro_batches", f"must divide train.batch_size={c.train.batch_size}")
+    for key in ("distill.student_buckets", "distill.teacher_buckets", "distill.response_buckets",
+                "sampler.prompt_buckets", "sampler.new_token_buckets"):
+        v = tuple(_get(c, key))
+        if not v or list(v) != sorted(v) or min(v) <= 0:
+            bad(key, "must be a non-empty increasing tuple of positive lengths")
+    if c.rollout.max_new_tokens > c.distill.response_buckets[-1]:
+        bad("rollout.max_new_tokens", f"exceeds the largest response bucket {c.distill.response_buckets[-1]}")
+    if c.data.train.get("kind") is None:
+        bad("data.train", "needs a 'kind'")

@@ -1,0 +1,91 @@
+"""Evaluation: student avg@k / pass@k on bare prompts, and accuracy with the harness
+re-attached (the paper's "reattach the harness" analysis). Used in the training loop and
+as a CLI on a work dir:
+
+    python -m ophsd_jax.evaluate --workdir DIR [--step N] [--config.eval.k=8 ...]
+
+Writes `<workdir>/eval/step_<N>.jsonl` (one line per example: prompt, responses,
+extracted answers, rewards, harness response) and `step_<N>_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+
+from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
+
+log = logging.getLogger(__name__)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, rng, template_kwargs=None):
+    """(summary dict, per-example records). `harness=None` skips the harness measurement."""
+    k = eval_cfg.k
+    convs = [task.student_messages(e) for e in examples]
+    out = generate_chat_tokens(sampler, tokenizer, params, [m for m in convs for _ in range(k)],
+                               max_new_tokens=eval_cfg.max_new_tokens, rng=jax.random.fold_in(rng, 0),
+                               temperature=eval_cfg.temperature, top_p=eval_cfg.top_p, top_k=eval_cfg.top_k,
+                               template_kwargs=template_kwargs)
+    records = []
+    for i, (e, m) in enumerate(zip(examples, convs)):
+        texts = out.texts[i * k:(i + 1) * k]
+        rewards = [float(task.reward(t, e)) for t in texts]
+        records.append({"id": e.get("id", i), "prompt": m[-1]["content"], "responses": texts,
+                        "extracted": [task.extract_answer(t) for t in texts], "rewards": rewards,
+                        "reference": task.reference_answer(e)})
+    summary = {f"eval/avg@{k}": _mean([r for rec in records for r in rec["rewards"]]),
+               f"eval/pass@{k}": _mean([max(rec["rewards"]) for rec in records]),
+               "eval/response_tokens": float(np.mean([len(t) for t in out.tokens])),
+               "eval/examples": len(examples)}
+    if harness is not None:
+        gen = make_generate_chat(sampler, tokenizer, params, jax.random.fold_in(rng, 1),
+                                 template_kwargs=template_kwargs)
+        results = harness.run(list(examples), gen)
+        for rec, res, e in zip(records, results, examples):
+            rec["harness_response"] = res.final_response
+            rec["harness_mode"] = res.mode
+            rec["harness_reward"] = float(task.reward(res.final_response, e)) if res.final_response else None
+        summary["eval/harness_acc"] = _mean([rec["harness_reward"] for rec in records])
+    return summary, records
+
+
+def write_eval(workdir: str, step: int, summary: dict, records: list[dict]) -> str:
+    d = os.path.join(workdir, "eval")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"step_{step}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(d, f"step_{step}_summary.json"), "w") as f:
+        json.dump({"step": step, **summary}, f, indent=2)
+    return path
+
+
+def main(argv):
+    del argv
+    from ophsd_jax import train
+
+    train.run_cli(lambda: train.evaluate_workdir(FLAGS.workdir, step=FLAGS.step, num_examples=FLAGS.num_examples,
+                                                 k=FLAGS.k))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "training work dir (holds config.json and checkpoints/)", required=True)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+    flags.DEFINE_integer("num_examples", None, "override config.eval.num_examples")
+    flags.DEFINE_integer("k", None, "override config.eval.k")
+    FLAGS = flags.FLAGS
+    app.run(main)

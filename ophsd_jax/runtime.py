@@ -1,0 +1,142 @@
+"""Build the pieces of a run from its config: mesh, model, tokenizer, sampler, task,
+harness, data, optimizer. `train.py` composes them; `evaluate.py` and `export.py`
+reuse the same builders so all three read a work dir the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import ml_collections as mlc
+
+from ophsd_jax import parallel
+from ophsd_jax.data.builders import build_dataset
+from ophsd_jax.data.tasks import make_task
+from ophsd_jax.distill.step import OptimConfig, StepConfig, make_optimizer
+from ophsd_jax.harnesses.factory import make_harness
+from ophsd_jax.models import bundled
+from ophsd_jax.models import state as model_state
+from ophsd_jax.models.config import ModelConfig
+from ophsd_jax.models.tokenizer import Tokenizer
+from ophsd_jax.models.weights import load_hf
+from ophsd_jax.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+
+def make_mesh(c: mlc.ConfigDict):
+    return parallel.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+
+
+def load_model(c: mlc.ConfigDict, mesh):
+    """(model config, graphdef, params, tokenizer): the run's *initial* weights."""
+    m = c.model
+    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    if m.source == "bundled":
+        cfg, graphdef, params, tok = bundled.load_bundled(mesh, **overrides)
+    elif m.source == "hf":
+        cfg, graphdef, params = load_hf(m.path, mesh, **overrides)
+        tok = Tokenizer.from_dir(m.path)
+    else:  # random: tiny models for tests, with a real tokenizer
+        tok = Tokenizer.from_dir(m.tokenizer) if m.tokenizer else bundled.load_bundled_tokenizer()
+        cfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                          **m.random.to_dict(), **overrides)
+        graphdef, params = model_state.init_params(cfg, mesh, seed=c.seed)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    return cfg, graphdef, params, tok
+
+
+def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok) -> Sampler:
+    return Sampler(cfg, graphdef, mesh, max_batch=c.sampler.max_batch, prompt_buckets=c.sampler.prompt_buckets,
+                   new_token_buckets=c.sampler.new_token_buckets, pad_id=tok.pad_token_id,
+                   show_progress=jax.process_index() == 0)
+
+
+@dataclasses.dataclass
+class Data:
+    task: object
+    train: object  # random-access examples
+    eval: object
+    report: dict | None
+
+
+def load_data(c: mlc.ConfigDict, workdir: str) -> Data:
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    task = make_task(c.task)
+    data_dir = os.path.join(workdir, "data")
+    train_spec = {**c.data.train.to_dict(), **({"on_error": c.data.on_error} if "path" in c.data.train else {})}
+    if c.data.eval.to_dict():
+        splits, report = build_dataset(c.task, train_spec, data_dir=data_dir, validation_size=0, split_seed=c.seed)
+        eval_spec = {**c.data.eval.to_dict(), **({"on_error": c.data.on_error} if "path" in c.data.eval else {})}
+        eval_splits, _ = build_dataset(c.task, eval_spec, data_dir=data_dir, validation_size=0, split_seed=c.seed)
+        train, evals = splits["train"], eval_splits["train"]
+    else:
+        splits, report = build_dataset(c.task, train_spec, data_dir=data_dir,
+                                       validation_size=c.data.validation_size, split_seed=c.seed)
+        train, evals = splits["train"], splits.get("validation")
+    if len(train) == 0:
+        raise ValueError(f"config.data.train: the dataset is empty ({train_spec})")
+    if len(train) < c.train.batch_size:
+        raise ValueError(f"config.train.batch_size={c.train.batch_size} exceeds the {len(train)} training examples")
+    return Data(task, train, evals, report)
+
+
+def make_run_harness(c: mlc.ConfigDict, data: Data):
+    name = c.harness.name or None
+    train_examples = [data.train[i] for i in range(len(data.train))] if (name or data.task.default_harness) == \
+        "draft_verify" else None
+    return make_harness(name, data.task, c.harness.options.to_dict(), train_examples=train_examples)
+
+
+def step_config(c: mlc.ConfigDict) -> StepConfig:
+    d = c.distill
+    return StepConfig(kind=d.kind, beta=float(d.beta), clip=d.clip or None, teacher=d.teacher,
+                      micro_batches=d.micro_batches, remat_teacher=d.remat_teacher, tile=d.tile,
+                      keep_fraction=d.keep_fraction if d.keep_fraction < 1 else None)
+
+
+def optimizer(c: mlc.ConfigDict):
+    o = c.optim
+    return make_optimizer(OptimConfig(learning_rate=o.learning_rate, schedule=o.schedule,
+                                      warmup_steps=o.warmup_steps, total_steps=c.train.steps,
+                                      weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps))
+
+
+def save_config(c: mlc.ConfigDict, workdir: str) -> None:
+    """The resolved config beside the run, so evaluate/export need only the work dir."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(c.to_json(indent=2))
+    os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> mlc.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training work dir?")
+    with open(path) as f:
+        return mlc.ConfigDict(json.load(f))
+
+
+def make_eval_harness(c: mlc.ConfigDict, data: Data, train_harness):
+    """The harness re-attached at evaluation: never shown reference answers (use_gt off).
+    Draft–Verify shares the training memory bank (labelled *training* examples only)."""
+    name = c.harness.name or data.task.default_harness
+    if name == "opsd":  # defined by the reference solution: not a test-time harness
+        return None
+    options = c.harness.options.to_dict()
+    if name == "plan_solve":
+        options["use_gt"] = False
+    bank = getattr(train_harness, "bank", None)
+    return make_harness(name, data.task, options, bank=bank) if bank is not None else \
+        make_harness(name, data.task, options)

@@ -1,0 +1,127 @@
+"""Train with On-Policy Harness Self-Distillation.
+
+    python -m ophsd_jax.train --config configs/<task>.py [--config.key=value ...] [--workdir DIR]
+
+Each step (DESIGN.md §1):
+  1. rollout  - the student answers bare prompts with the current weights (T=1.0)
+  2. harness  - the same prompts go through the harness, also with the current weights;
+                its last call's messages are the teacher context
+  3. distill  - one jitted step scores the student's own response under both contexts
+                and moves the student towards the teacher, token by token
+  4. bookkeep - memory bank, metrics, periodic evaluation and checkpoints
+Re-running the same command resumes from the newest checkpoint in the work dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import jax
+import numpy as np
+
+from ophsd_jax import runtime
+from ophsd_jax.distill.batch import build_pair_batch
+from ophsd_jax.distill.losses import reward_weights
+from ophsd_jax.run import Run
+from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
+
+log = logging.getLogger("ophsd_jax.train")
+
+
+def train(config, workdir: str) -> dict:
+    """Run (or resume) training; returns the final evaluation summary."""
+    run = Run.create(config, workdir)
+    c, task, tok = run.config, run.data.task, run.tokenizer
+    if run.step == 0 and c.train.eval_before:
+        run.evaluate(0)
+    bar = run.progress()
+    for step in range(run.step, c.train.steps):
+        examples = run.next_examples()
+        key = jax.random.fold_in(run.rng, step)
+        student_msgs = [task.student_messages(e) for e in examples]
+        with run.timer("rollout"):  # 1. on-policy answers to the bare prompts
+            rollout = generate_chat_tokens(
+                run.sampler, tok, run.state.params, student_msgs, max_new_tokens=c.rollout.max_new_tokens,
+                rng=jax.random.fold_in(key, 0), temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                top_k=c.rollout.top_k, template_kwargs=run.template_kwargs)
+        with run.timer("harness"):  # 2. teacher context from the harness, current weights
+            generate_chat = make_generate_chat(run.sampler, tok, run.state.params, jax.random.fold_in(key, 1),
+                                               template_kwargs=run.template_kwargs)
+            results = run.harness.run(examples, generate_chat)
+        with run.timer("update"):  # 3. score y under both contexts, one jitted step
+            batch = build_pair_batch(tok, student_msgs, [r.teacher_messages for r in results], rollout.tokens,
+                                     buckets=run.buckets, batch_size=len(examples),
+                                     max_response_tokens=c.distill.max_response_tokens or None)
+            harness_rewards = [task.reward(r.final_response, e) if r.final_response else np.nan
+                               for r, e in zip(results, examples)]
+            weights = batch.row_mask
+            if c.distill.reward_weight_beta > 0:
+                weights = np.asarray(reward_weights(np.nan_to_num(harness_rewards), c.distill.reward_weight_beta,
+                                                    valid=batch.row_mask))
+            metrics = batch.meta.metrics()
+            if batch.meta.num_valid:
+                run.state, step_metrics = run.train_step(run.state, run.teacher_params, batch, weights)
+                metrics.update(jax.device_get(step_metrics))
+        run.harness.observe(examples)  # 4. bookkeeping
+        metrics.update(run.step_metrics(step, examples, rollout, results, harness_rewards))
+        run.end_step(step + 1, metrics, bar)
+        if run.preempted:
+            break
+    bar.close()
+    return run.finish()
+
+
+def evaluate_workdir(workdir: str, *, step: int | None = None, num_examples: int | None = None,
+                     k: int | None = None) -> dict:
+    config = runtime.load_config(workdir)
+    if num_examples is not None:
+        config.eval.num_examples = num_examples
+    if k is not None:
+        config.eval.k = k
+    run = Run.create(config, workdir, restore_step=step, for_eval=True)
+    return run.evaluate(run.step)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, OSError)
+
+
+def run_cli(fn):
+    """Run `fn`; a user error (bad config, missing file, bad data) is one line and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv):
+    del argv
+    from ophsd_jax.config import validate
+
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
+
+    def go():
+        validate(config)
+        signal.signal(signal.SIGTERM, Run.request_stop)  # preemption: finish the step, save, exit 0
+        return train(config, workdir)
+
+    run_cli(go)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a config file under configs/", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and evals go (default: runs/<config name>)")
+    flags.mark_flags_as_required(["config"])
+    FLAGS = flags.FLAGS
+    app.run(main)
