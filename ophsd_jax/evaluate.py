@@ -76,8 +76,9 @@ def main(argv):
     del argv
     from ophsd_jax import train
 
-    train.run_cli(lambda: train.evaluate_workdir(FLAGS.workdir, step=FLAGS.step, num_examples=FLAGS.num_examples,
-                                                 k=FLAGS.k))
+    summary = train.run_cli(lambda: train.evaluate_workdir(FLAGS.workdir, step=FLAGS.step,
+                                                           num_examples=FLAGS.num_examples, k=FLAGS.k))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ophsd_jax import runtime
@@ -53,7 +52,9 @@ class Run:
         self.rng = jax.random.key(c.seed)
         self.optimizer = runtime.optimizer(c)
         # "initial": a frozen copy of the starting weights (reloaded from the source on resume).
-        self.teacher_params = jax.tree.map(jnp.copy, params) if c.distill.teacher == "initial" else None
+        # Kept in the compute dtype: it is only ever read by bf16/fp32 forward passes.
+        self.teacher_params = (jax.tree.map(lambda x: x.astype(self.model_cfg.dtype) + 0, params)
+                               if c.distill.teacher == "initial" else None)
         self.state = init_train_state(params, self.optimizer, self.mesh)
         self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,

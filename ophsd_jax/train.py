@@ -101,6 +101,23 @@ def run_cli(fn):
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl's parser, but a bad flag or config override is one line and exit 2."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:  # ml_collections: an override of a key that does not exist
+        key = str(e).strip("\"' ")
+        arg = next((a for a in argv if a.startswith("--config.") and key in a), key)
+        print(f"error: unknown config key: {arg.split('=')[0].lstrip('-')} (no such key {key!r})", file=sys.stderr)
+        sys.exit(2)
+    except (flags.Error, ValueError, TypeError) as e:
+        msg = str(e).strip().splitlines()
+        print(f"error: {type(e).__name__}: {msg[-1] if msg else e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     del argv
     from ophsd_jax.config import validate
@@ -124,4 +141,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and evals go (default: runs/<config name>)")
     flags.mark_flags_as_required(["config"])
     FLAGS = flags.FLAGS
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,221 @@
+"""The training CLI end to end on configs/tiny.py: metrics, checkpoints, evaluate,
+export (loaded by transformers), resume after SIGKILL (bitwise), SIGTERM, a truncated
+checkpoint, and one-line errors."""
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+METRIC_KEYS = ("loss", "grad_norm", "student_entropy", "tokens", "skipped_updates", "rollout/reward",
+               "harness/reward", "lr", "tokens_per_s", "time/rollout_s", "time/harness_s", "time/update_s",
+               "time/rollout_share", "batch/skipped", "harness/mode_plan_solve")
+
+
+def env():
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
+    e["PYTHONPATH"] = ROOT
+    return e
+
+
+def cli(module, *args, check=True, **kw):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_args(workdir, *extra):
+    return ("--config", TINY, "--workdir", str(workdir), *extra)
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_params(workdir, step):
+    """Params of checkpoint `step`, via the public export path (safetensors)."""
+    from safetensors.numpy import load_file
+
+    out = os.path.join(workdir, f"export_{step}")
+    cli("ophsd_jax.export", "--workdir", str(workdir), "--step", str(step), "--out", out)
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    proc = cli("ophsd_jax.train", *train_args(workdir, "--config.train.save_every=1"))
+    return workdir, proc
+
+
+def test_metrics_checkpoints_and_summary(finished_run):
+    workdir, proc = finished_run
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        missing = [k for k in METRIC_KEYS if k not in r]
+        assert not missing, missing
+        for k in METRIC_KEYS:
+            assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r[k])
+    assert rows[0]["tokens"] > 0 and rows[-1]["lr"] == pytest.approx(1e-3)
+    assert any("eval/avg@2" in r for r in rows)
+    steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+    assert steps == [2, 3, 4]  # keep_checkpoints=3 of 1..4
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert "before/eval/avg@2" in summary and "after/eval/harness_acc" in summary
+    assert "harness_acc" in proc.stdout  # the before/after table
+
+
+def test_evaluate_cli_writes_per_example_records(finished_run):
+    workdir, _ = finished_run
+    proc = cli("ophsd_jax.evaluate", "--workdir", str(workdir), "--step", "3", "--num_examples", "3")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["eval/examples"] == 3 and "eval/pass@2" in summary
+    records = [json.loads(l) for l in open(os.path.join(workdir, "eval", "step_3.jsonl"))]
+    assert len(records) == 3
+    for r in records:
+        assert {"prompt", "responses", "extracted", "rewards", "harness_response"} <= set(r)
+        assert len(r["responses"]) == 2
+
+
+def test_export_loads_in_transformers_with_matching_logits(finished_run):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from ophsd_jax import parallel
+    from ophsd_jax.models import state as S
+    from ophsd_jax.models.weights import load_hf
+
+    workdir, _ = finished_run
+    out = os.path.join(workdir, "hf")
+    cli("ophsd_jax.export", "--workdir", str(workdir), "--out", out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "2+3?"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids])).logits.numpy()
+    _, graphdef, params = load_hf(out, parallel.single_device_mesh())
+    t = jnp.asarray([ids]); m = jnp.ones_like(t)
+    h, _ = S.forward(graphdef, params, t, S.positions_from_mask(m), m)
+    np.testing.assert_allclose(np.asarray(S.logits(graphdef, params, h)), ref, atol=1e-4, rtol=1e-4)
+    # the export holds the trained weights, not the initial ones
+    init = final_params(workdir, 2)
+    trained = final_params(workdir, 4)
+    assert any(not np.array_equal(init[k], trained[k]) for k in trained)
+
+
+def wait_for(predicate, proc, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def complete_steps(workdir):
+    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*"))
+                  if os.path.basename(p).isdigit())
+
+
+def test_sigkill_then_resume_is_bitwise_identical(finished_run, tmp_path):
+    ref_dir, _ = finished_run
+    workdir = tmp_path / "killed"
+    args = [sys.executable, "-m", "ophsd_jax.train", *train_args(workdir, "--config.train.save_every=1")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    k = complete_steps(workdir)[-1]
+    assert k < 4, "the run finished before it could be killed"
+    resumed = cli("ophsd_jax.train", *train_args(workdir, "--config.train.save_every=1"))
+    assert f"resumed from {workdir}/checkpoints/{k}" in resumed.stderr
+    assert [r["step"] for r in read_metrics(workdir)][-(4 - k):] == list(range(k + 1, 5))
+    a, b = final_params(ref_dir, 4), final_params(workdir, 4)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigterm_saves_the_current_step(tmp_path):
+    workdir = tmp_path / "term"
+    args = [sys.executable, "-m", "ophsd_jax.train", *train_args(workdir, "--config.train.save_every=100",
+                                                                 "--config.train.steps=50",
+                                                                 "--config.train.eval_every=100",
+                                                                 "--config.train.eval_before=false")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    last = read_metrics(workdir)[-1]["step"]
+    assert last < 50
+    assert complete_steps(workdir) == [last]
+
+
+def test_truncated_newest_checkpoint_falls_back(finished_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "trunc"
+    shutil.copytree(finished_run[0], workdir)
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "r+b") as f:
+                f.truncate(max(os.path.getsize(path) // 2, 1))
+    proc = cli("ophsd_jax.evaluate", "--workdir", str(workdir), "--num_examples", "1")
+    assert "checkpoints/4 is unreadable" in proc.stderr
+    assert f"resumed from {workdir}/checkpoints/3" in proc.stderr
+
+
+def write_config(tmp_path, body):
+    path = tmp_path / f"bad_config_{abs(hash(body))}.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\n"
+                    f"from tiny import get_config as tiny\n\ndef get_config():\n    c = tiny()\n{body}\n    return c\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "missing_model", "unreadable_data", "empty_dataset", "bad_value"])
+def test_errors_are_one_line_and_keep_the_workdir(case, tmp_path):
+    workdir = tmp_path / "work"
+    (workdir / "checkpoints").mkdir(parents=True)
+    keep = workdir / "precious.txt"
+    keep.write_text("earlier results")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = {
+        "unknown_key": ("--config", TINY, "--config.train.no_such_key=1"),
+        "missing_model": ("--config", TINY, "--config.model.source=hf", "--config.model.path=/no/such/model"),
+        "unreadable_data": ("--config", write_config(tmp_path, "    c.data.train = {'kind': 'gsm8k_jsonl', "
+                                                               "'path': '/no/such/train.jsonl'}")),
+        "empty_dataset": ("--config", write_config(tmp_path, f"    c.data.train = {{'kind': 'gsm8k_jsonl', "
+                                                             f"'path': {str(empty)!r}}}")),
+        "bad_value": ("--config", TINY, "--config.distill.kind=kl"),
+    }[case]
+    proc = cli("ophsd_jax.train", *args, "--workdir", str(workdir), check=False)
+    assert proc.returncode != 0
+    expected = {"unknown_key": "no_such_key", "missing_model": "/no/such/model",
+                "unreadable_data": "/no/such/train.jsonl", "empty_dataset": "empty",
+                "bad_value": "config.distill.kind"}[case]
+    error_lines = [l for l in proc.stderr.splitlines() if expected in l]
+    assert error_lines, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert keep.read_text() == "earlier results" and (workdir / "checkpoints").is_dir()
