@@ -43,6 +43,7 @@ def base_config() -> mlc.ConfigDict:
 
     # ---- task and data ---------------------------------------------------------------
     c.task = "math"  # math | lawbench | uspto
+    c.task_options = mlc.ConfigDict()  # keyword options of the task (see ophsd_jax/data/tasks.py)
     c.data = mlc.ConfigDict()
     # A source spec: {"kind": ..., "path": ...} (see ophsd_jax/data/sources.py).
     c.data.train = mlc.ConfigDict({"kind": "reasoning_gym", "size": 2000, "seed": 0})

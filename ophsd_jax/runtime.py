@@ -68,7 +68,7 @@ def load_data(c: mlc.ConfigDict, workdir: str) -> Data:
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    task = make_task(c.task)
+    task = make_task(c.task, **c.task_options.to_dict())
     data_dir = os.path.join(workdir, "data")
     train_spec = {**c.data.train.to_dict(), **({"on_error": c.data.on_error} if "path" in c.data.train else {})}
     if c.data.eval.to_dict():

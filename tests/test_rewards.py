@@ -247,3 +247,16 @@ def test_classification_student_prompts():
         make_task("chess")
     with pytest.raises(ValueError, match="bad options"):
         make_task("math", boxed=True)
+
+
+def test_math_last_number_fallback_is_opt_in():
+    from ophsd_jax.data.tasks import make_task
+
+    example = {"question": "2+3?", "answer": "5"}
+    plain, lenient = make_task("math"), make_task("math", last_number_fallback=True)
+    text = "2 + 3 = 5. So the result is 5"
+    assert plain.reward(text, example) == 0.0 and plain.extract_answer(text) is None
+    assert lenient.reward(text, example) == 1.0 and lenient.extract_answer(text) == "5"
+    assert lenient.reward("It is 1,234", {"answer": "1234"}) == 1.0
+    assert lenient.reward("\\boxed{4} though 5 appears later", example) == 0.0  # boxed wins when present
+    assert lenient.reward("no digits here", example) == 0.0

@@ -13,8 +13,10 @@ import re
 
 from ophsd_jax.data.load_uspto import CLASS_NAMES
 from ophsd_jax.data.parsing import last_boxed, parse_accusations, parse_reaction_class, strip_thinking
+from ophsd_jax.data.math_check import answers_equal
 from ophsd_jax.data.rewards import class_reward, math_reward, set_f1
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 BOXED_TAIL = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -29,10 +31,13 @@ class MathTask:
     is_classification = False
     default_harness = "plan_solve"
 
-    def __init__(self, name: str = "math", boxed_tail: str = BOXED_TAIL, system_prompt: str = ""):
+    def __init__(self, name: str = "math", boxed_tail: str = BOXED_TAIL, system_prompt: str = "",
+                 last_number_fallback: bool = False):
         self.name = name
         self.boxed_tail = boxed_tail
         self.system_prompt = system_prompt
+        # Small models rarely write \boxed{}: optionally score the last number instead.
+        self.last_number_fallback = last_number_fallback
 
     def student_messages(self, example: dict) -> list[dict]:
         question = example["question"].strip()
@@ -51,9 +56,15 @@ class MathTask:
         return example.get("solution") or ""
 
     def extract_answer(self, response: str) -> str | None:
-        return last_boxed(strip_thinking(response))
+        answer = last_boxed(strip_thinking(response))
+        if answer is None and self.last_number_fallback:
+            numbers = _NUMBER.findall(strip_thinking(response))
+            answer = numbers[-1].replace(",", "") if numbers else None
+        return answer
 
     def reward(self, response: str, example: dict) -> float:
+        if self.last_number_fallback:
+            return 1.0 if answers_equal(self.extract_answer(response), self.reference_answer(example)) else 0.0
         return math_reward(response, self.reference_answer(example))
 
 
