@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
+import os
 from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -114,3 +118,61 @@ def sharding_report(tree, max_lines: int = 40) -> str:
         spec = getattr(getattr(leaf, "sharding", None), "spec", None)
         lines.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {spec}")
     return "\n".join(lines[:max_lines])
+
+
+# ---- multi-process (multi-host) runtime -----------------------------------------------
+
+
+def _auto_multiprocess() -> bool:
+    """True under a multi-task SLURM job or on a multi-host TPU slice."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Start `jax.distributed` when running multi-process; returns True if it did.
+
+    Explicit arguments (or OPHSD_COORDINATOR / OPHSD_NUM_PROCESSES / OPHSD_PROCESS_ID)
+    win; otherwise SLURM jobs and multi-host TPU slices are detected and JAX reads the
+    coordinator from their environment. One process per host (TPU) or per node/GPU (SLURM).
+    """
+    coordinator = coordinator or os.environ.get("OPHSD_COORDINATOR")
+    num_processes = num_processes or int(os.environ.get("OPHSD_NUM_PROCESSES", "0")) or None
+    if process_id is None and "OPHSD_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["OPHSD_PROCESS_ID"])
+    if coordinator:
+        if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process needs gloo
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif _auto_multiprocess():
+        jax.distributed.initialize()
+    else:
+        return False
+    log.info("process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    return True
+
+
+def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host value every process holds (each places its own shards)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value on every process, also for arrays sharded across processes."""
+    if getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync(name: str) -> None:
+    """Barrier across processes (no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
