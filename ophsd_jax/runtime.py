@@ -70,6 +70,17 @@ def load_data(c: mlc.ConfigDict, workdir: str) -> Data:
     tfds.disable_progress_bar()
     task = make_task(c.task, **c.task_options.to_dict())
     data_dir = os.path.join(workdir, "data")
+    # Process 0 builds the dataset files; the others open them once they exist.
+    if jax.process_index() != 0:
+        parallel.sync("data_built")
+    try:
+        return _load_data(c, task, data_dir)
+    finally:
+        if jax.process_index() == 0:
+            parallel.sync("data_built")
+
+
+def _load_data(c: mlc.ConfigDict, task, data_dir: str) -> Data:
     train_spec = {**c.data.train.to_dict(), **({"on_error": c.data.on_error} if "path" in c.data.train else {})}
     if c.data.eval.to_dict():
         splits, report = build_dataset(c.task, train_spec, data_dir=data_dir, validation_size=0, split_seed=c.seed)

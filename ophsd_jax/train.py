@@ -25,6 +25,7 @@ import numpy as np
 from ophsd_jax import runtime
 from ophsd_jax.distill.batch import build_pair_batch
 from ophsd_jax.distill.losses import reward_weights
+from ophsd_jax.parallel import to_host
 from ophsd_jax.run import Run
 from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
 
@@ -64,7 +65,7 @@ def train(config, workdir: str) -> dict:
             metrics = batch.meta.metrics()
             if batch.meta.num_valid:
                 run.state, step_metrics = run.train_step(run.state, run.teacher_params, batch, weights)
-                metrics.update(jax.device_get(step_metrics))
+                metrics.update(jax.tree.map(to_host, step_metrics))
         run.harness.observe(examples)  # 4. bookkeeping
         metrics.update(run.step_metrics(step, examples, rollout, results, harness_rewards))
         run.end_step(step + 1, metrics, bar)
@@ -126,6 +127,11 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
 
     def go():
+        from ophsd_jax.parallel import initialize_distributed
+
+        initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+        if jax.process_index() != 0:  # one voice: only process 0 logs progress
+            logging.getLogger("ophsd_jax").setLevel(logging.WARNING)
         validate(config)
         signal.signal(signal.SIGTERM, Run.request_stop)  # preemption: finish the step, save, exit 0
         return train(config, workdir)
@@ -139,6 +145,9 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "a config file under configs/", lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and evals go (default: runs/<config name>)")
+    flags.DEFINE_string("coordinator", None, "multi-process: host:port of process 0 (auto on TPU VMs / SLURM)")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
     flags.mark_flags_as_required(["config"])
     FLAGS = flags.FLAGS
     app.run(main, flags_parser=parse_flags)

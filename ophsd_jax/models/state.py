@@ -90,7 +90,7 @@ def _set_path(tree: dict, keys: list[str], value):
 
 def host_params(params) -> dict[str, np.ndarray]:
     """Gather every parameter to host numpy, keyed by flat name (for export)."""
-    return {name: np.asarray(jax.device_get(var.get_value())) for name, var in flat_names(params).items()}
+    return {name: parallel.to_host(var.get_value()) for name, var in flat_names(params).items()}
 
 
 def cast_params(params, dtype):
