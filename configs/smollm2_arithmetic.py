@@ -35,11 +35,11 @@ def get_config():
     c.sampler.new_token_buckets = (32, 64, 96, 128)
     c.optim.learning_rate = 1e-5
     c.optim.weight_decay = 0.0
-    c.train.steps = 10
+    c.train.steps = 16
     c.train.batch_size = 4
-    c.train.eval_every = 10
-    c.train.save_every = 5
-    c.eval.num_examples = 24
+    c.train.eval_every = 16
+    c.train.save_every = 8
+    c.eval.num_examples = 48
     c.eval.k = 1
     c.eval.max_new_tokens = 96
     return c
