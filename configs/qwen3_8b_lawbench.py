@@ -13,12 +13,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from qwen3_8b_math import paper_config  # noqa: E402
+from qwen3_8b_math import DRAFT_VERIFY, paper_config  # noqa: E402
 
 
 def get_config():
     c = paper_config("lawbench", "lawbench_json", prompt_len=4096, response_len=2048, teacher_total=8192)
     c.harness.name = "draft_verify"
-    c.harness.options = {"cold_start_threshold": 10, "draft_k": 5, "confirm_k": 5, "challenge_k": 5,
-                         "draft_max_tokens": 1024, "verify_max_tokens": 2048, "embedder": "tfidf"}
+    c.harness.options = DRAFT_VERIFY
     return c

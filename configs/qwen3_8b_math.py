@@ -57,6 +57,11 @@ def paper_config(task: str, train_kind: str, prompt_len: int, response_len: int,
     return c
 
 
+# Draft–Verify as in the paper's classification runs (LawBench, USPTO).
+DRAFT_VERIFY = {"cold_start_threshold": 10, "draft_k": 5, "confirm_k": 5, "challenge_k": 5,
+                "draft_max_tokens": 1024, "verify_max_tokens": 2048, "embedder": "tfidf"}
+
+
 def get_config():
     c = paper_config("math", "math_json", prompt_len=4096, response_len=8192, teacher_total=12288)
     c.harness.name = "plan_solve"
