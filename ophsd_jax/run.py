@@ -121,13 +121,13 @@ class Run:
     def end_step(self, step: int, metrics: dict, bar):
         """Log, evaluate and checkpoint after `step` updates."""
         c = self.config
-        self.timer_report = self.timer.report()
-        metrics.update(self.timer_report)
-        seconds = self.timer_report["time/step_s"]
-        metrics["tokens_per_s"] = float(metrics.get("tokens", 0.0)) / max(seconds, 1e-9)
+        train_seconds = sum(self.timer.seconds.values())
         if step % c.train.eval_every == 0 or step == c.train.steps:
             with self.timer("eval"):
                 metrics.update(self.evaluate(step))
+        self.timer_report = self.timer.report()
+        metrics.update(self.timer_report)
+        metrics["tokens_per_s"] = float(metrics.get("tokens", 0.0)) / max(train_seconds, 1e-9)
         self.timer.reset()
         flat = self.writer.write(step, metrics)
         self.step = step
