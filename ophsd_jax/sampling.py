@@ -143,11 +143,12 @@ class Sampler:
         mask[n:, -1] = 1  # dummy rows see one (pad) token so their softmax is well defined
         sh = parallel.named_sharding(self.mesh, ("batch", "seq"), (B, P))
         greedy = float(temperature) == 0.0
-        out = self._jitted(params, jax.device_put(toks, sh), jax.device_put(mask, sh), rng,
-                           jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(stop),
-                           jnp.int32(max_new_tokens), n_new_bucket=n_new, greedy=greedy,
+        # Host values every process holds -> global arrays (multi-process safe); scalars stay numpy.
+        out = self._jitted(params, parallel.global_array(toks, sh), parallel.global_array(mask, sh), rng,
+                           np.float32(temperature), np.int32(top_k), np.float32(top_p), stop,
+                           np.int32(max_new_tokens), n_new_bucket=n_new, greedy=greedy,
                            use_top_k=(not greedy) and top_k > 0, use_top_p=(not greedy) and top_p < 1.0)
-        out_tok, out_lp, out_len = jax.device_get(out)
+        out_tok, out_lp, out_len = (parallel.to_host(x) for x in out)
         return out_tok[:n], out_lp[:n], out_len[:n]
 
     def _generate_chunk(self, params, prompt, prompt_mask, rng, temperature, top_k, top_p, stop, max_new,

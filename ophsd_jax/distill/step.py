@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -99,8 +100,10 @@ def init_train_state(params, optimizer, mesh: Mesh) -> TrainState:
     """Optimizer moments take the params' shardings; scalars are replicated on `mesh`."""
     replicated = NamedSharding(mesh, P())
     opt_state = jax.jit(optimizer.init)(params)
-    place = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, replicated)  # noqa: E731
-    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, jax.tree.map(place, opt_state))
+    place = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else \
+        parallel.global_array(parallel.to_host(x), replicated)  # noqa: E731
+    step = parallel.global_array(np.zeros((), np.int32), replicated)
+    return TrainState(step, params, jax.tree.map(place, opt_state))
 
 
 def _gather(hidden, index):
@@ -191,4 +194,7 @@ class TrainStep:
         if sample_weights is None:
             sample_weights = batch.row_mask
         batch = PairBatch(batch.student, batch.teacher, batch.resp_tokens, batch.resp_mask, batch.row_mask)
-        return self._step(state, teacher_params, batch, jnp.asarray(sample_weights, jnp.float32))
+        # Every process holds the same host batch; each places its own shards.
+        batch = jax.tree.map(lambda a: parallel.global_array(a, self.batch_sharding), batch)
+        weights = parallel.global_array(np.asarray(sample_weights, np.float32), self.batch_sharding)
+        return self._step(state, teacher_params, batch, weights)
