@@ -4,6 +4,12 @@ Layer parameters are stored stacked along a leading `layers` axis and the forwar
 pass is a `lax.scan` over them: one compiled layer instead of N keeps compile time
 flat in depth (30 layers for SmolLM2, 36 for Qwen3-8B). The forward returns final
 (normed) hidden states; `logits()` is separate so losses can project tile by tile.
+
+`forward_layers` is the same forward unrolled over per-layer weights and per-layer
+KV-cache buffers, for decoding on XLA:CPU. There, a scan over stacked weights copies
+every layer's weight slice out of the stack each step (the matmul library needs a
+plain buffer), which costs about as much as the matmuls themselves; see
+docs/benchmarks.md ("Sampler").
 """
 
 from __future__ import annotations
@@ -51,16 +57,27 @@ def _init_value(name: str, shape, dtype, key):
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
-    v: jax.Array
+    """Keys and values of the cached slots.
+
+    Slots sit next to head_dim, so one kv head's keys are a contiguous [slots, head_dim]
+    block that decode attention reads in place (no per-step transposes). Stacked:
+    `[layers, batch, kv_heads, slots, head_dim]` arrays (the scanned forward). Per
+    layer: lists of `[batch, kv_heads, slots, head_dim]` arrays (`forward_layers`), so
+    each layer's buffer is updated in place and read without copying it out of a stack.
+    """
+
+    k: jax.Array | list[jax.Array]
+    v: jax.Array | list[jax.Array]
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None, per_layer: bool = False) -> "KVCache":
         dtype = as_dtype(dtype or cfg.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        if per_layer:
+            return cls(*([jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for _ in range(2)))
+        return cls(*(jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2)))
 
-    AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+    AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # stacked; per-layer arrays: AXES[1:]
 
 
 class Layers(nnx.Module):
@@ -87,28 +104,30 @@ class Decoder(nnx.Module):
         """Final hidden states [B, T, D] (compute dtype) and the updated cache.
 
         tokens, positions: [B, T] int. attn_mask: [B, T] (no cache) or [B, slots] (with
-        cache): 1 where a key position holds a real token. With a cache the T new tokens
-        are written at slots [cache_index, cache_index + T) and attend to all valid slots
-        up to their own.
+        cache): 1 where a key position holds a real token. With a (stacked) cache the T
+        new tokens are written at slots [cache_index, cache_index + T) and attend to all
+        valid slots up to their own.
         """
         cfg = self.config
-        dt = as_dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-        x = constrain(x, ("batch", "seq", "act_embed"))
-        T = tokens.shape[1]
-        S = T if cache is None else cache.k.shape[2]
-        q_slot = jnp.arange(T) + (0 if cache is None else cache_index)
-        causal = q_slot[:, None] >= jnp.arange(S)[None, :]
-        mask = causal[None] & attn_mask.astype(bool)[:, None, :]  # [B, T, S]
-        cos, sin = rope_tables(cfg, positions)
+        x, mask, cos, sin = self._inputs(tokens, positions, attn_mask, cache, cache_index)
         params = {name: getattr(self.layers, name)[...] for name in layer_param_specs(cfg)}
 
-        # The cache rides in the scan carry and is updated in place at [layer, :, slot];
+        # The cache rides in the scan carry and is updated in place at [layer, ..., slot];
         # passing it as scanned xs/ys would copy all of it every layer of every step.
         def block(carry, xs):
             x, kv = carry
             p, layer = xs
-            x, kv = _layer(cfg, x, p, cos, sin, mask, kv, layer, cache_index)
+
+            def attend(q, k, v):
+                if kv is None:
+                    return attention(q, k, v, mask), None
+                ck, cv = (_write_slots(c, new[None], cache_index, layer) for c, new in zip(kv, (k, v)))
+                # Without the barrier XLA fuses the write into the read below, which then
+                # reads the old buffer, and to keep that alive it copies the whole cache.
+                ck, cv = jax.lax.optimization_barrier((ck, cv))
+                return _cache_attention(q, k, v, mask, ck[layer], cv[layer], cache_index), (ck, cv)
+
+            x, kv = _layer(cfg, x, p, cos, sin, attend)
             return (x, kv), None
 
         if cfg.remat:
@@ -116,8 +135,51 @@ class Decoder(nnx.Module):
         kv_in = None if cache is None else (cache.k, cache.v)
         (x, kv_out), _ = jax.lax.scan(block, (x, kv_in), (params, jnp.arange(cfg.num_layers)))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        new_cache = None if cache is None else KVCache(*kv_out)
-        return x, new_cache
+        return x, None if cache is None else KVCache(*kv_out)
+
+    def layer_weights(self) -> list[dict[str, jax.Array]]:
+        """Each layer's weights as separate arrays (copies of the stacked slices)."""
+        names = layer_param_specs(self.config)
+        return [{name: getattr(self.layers, name)[...][i] for name in names} for i in range(self.config.num_layers)]
+
+    def forward_layers(self, layers: list[dict], tokens, positions, attn_mask, cache: KVCache, cache_index):
+        """`__call__` with a per-layer cache, unrolled over `layer_weights()`.
+
+        Same arguments and math as `__call__` with a cache; `cache` holds per-layer lists
+        (`KVCache.zeros(..., per_layer=True)`).
+        """
+        cfg = self.config
+        x, mask, cos, sin = self._inputs(tokens, positions, attn_mask, cache, cache_index)
+        new_k, new_v = [], []
+        for p, ck, cv in zip(layers, cache.k, cache.v):
+
+            def attend(q, k, v, ck=ck, cv=cv):
+                ck, cv = _write_slots(ck, k, cache_index), _write_slots(cv, v, cache_index)
+                return _cache_attention(q, k, v, mask, ck, cv, cache_index), (ck, cv)
+
+            x, (ck, cv) = _layer(cfg, x, p, cos, sin, attend)
+            new_k.append(ck)
+            new_v.append(cv)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return x, KVCache(new_k, new_v)
+
+    def _inputs(self, tokens, positions, attn_mask, cache, cache_index):
+        """Embedded tokens, the attention mask, and RoPE tables."""
+        cfg = self.config
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(as_dtype(cfg.dtype))
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        T = tokens.shape[1]
+        if cache is None or _is_static_zero(cache_index):
+            # no cached tokens before these: attend among the T new tokens only
+            valid = attn_mask if cache is None else attn_mask[:, :T]
+            k_slot = jnp.arange(T)
+        else:
+            valid = attn_mask
+            k_slot = jnp.arange(attn_mask.shape[1])
+        q_slot = jnp.arange(T) + (0 if cache is None else cache_index)
+        mask = (q_slot[:, None] >= k_slot[None, :])[None] & valid.astype(bool)[:, None, :]  # [B, T, keys]
+        cos, sin = rope_tables(cfg, positions)
+        return x, mask, cos, sin
 
     def lm_head_weight(self) -> jax.Array:
         """[D, V] output projection (the embedding transposed when tied)."""
@@ -127,6 +189,31 @@ class Decoder(nnx.Module):
         """fp32 logits; call on a slice of hidden states to keep [tokens, vocab] small."""
         w = self.lm_head_weight().astype(hidden.dtype)
         return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def decode_logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits [B, V] for a few rows hidden [B, D], for decoding on XLA:CPU.
+
+        With tied embeddings the [V, D] table is read row by row as a multiply-reduce,
+        which XLA:CPU runs ~1.4x faster than a dot against its transpose. The multiply
+        is fused into the reduction; do not use this on large batches or accelerators.
+        """
+        if not self.config.tie_word_embeddings:
+            return self.logits(hidden)
+        w = self.embed[...].astype(hidden.dtype)
+        prod = w[:, None, :].astype(jnp.float32) * hidden[None].astype(jnp.float32)
+        return jnp.sum(prod, axis=-1).T
+
+
+def _is_static_zero(index) -> bool:
+    return isinstance(index, int) and index == 0
+
+
+def _write_slots(buf, new, cache_index, layer=None):
+    """Write new keys/values [.., B, T, K, Dh] at slot `cache_index` of a cache buffer
+    [.., B, K, S, Dh] (stacked buffers: at `layer`)."""
+    new = jnp.swapaxes(new, -3, -2).astype(buf.dtype)  # [.., B, K, T, Dh]
+    at = (0, 0, cache_index, 0) if layer is None else (layer, 0, 0, cache_index, 0)
+    return jax.lax.dynamic_update_slice(buf, new, at)
 
 
 def rms_norm(x, weight, eps):
@@ -168,7 +255,9 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, :, None] + rot * sin[:, :, None]).astype(x.dtype)
 
 
-def _layer(cfg: ModelConfig, x, p, cos, sin, mask, kv, layer, cache_index):
+def _layer(cfg: ModelConfig, x, p, cos, sin, attend):
+    """One decoder layer. `attend(q, k, v) -> (out, state)` does attention (and any
+    cache update); q: [B,T,H,Dh], k, v: [B,T,K,Dh]."""
     dt = x.dtype
     w = lambda name: p[name].astype(dt)  # noqa: E731 - params live in param_dtype, math in compute dtype
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -181,13 +270,7 @@ def _layer(cfg: ModelConfig, x, p, cos, sin, mask, kv, layer, cache_index):
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv is not None:
-        ck, cv = kv
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, cache_index, 0, 0))
-        kv = (ck, cv)
-        k, v = ck[layer], cv[layer]
-    attn = attention(q, k.astype(dt), v.astype(dt), mask)
+    attn, state = attend(q, k, v)
     x = x + jnp.einsum("bthk,hkd->btd", attn, w("wo"))
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
@@ -195,7 +278,11 @@ def _layer(cfg: ModelConfig, x, p, cos, sin, mask, kv, layer, cache_index):
     up = jnp.einsum("btd,df->btf", h, w("w_up"))
     x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("w_down"))
     x = constrain(x, ("batch", "seq", "act_embed"))
-    return x, kv
+    return x, state
+
+
+# A finite fill keeps fully masked (padding) rows NaN-free.
+_MASKED = -1e30
 
 
 def attention(q, k, v, mask):
@@ -204,8 +291,28 @@ def attention(q, k, v, mask):
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, Dh)  # query head h uses kv head h // (H // K), as in HF
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
-    # A finite fill keeps fully masked (padding) rows NaN-free.
-    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, Dh)
+
+
+def _cache_attention(q, k, v, mask, ck, cv, cache_index):
+    """Attention for new tokens q, k, v ([B,T,*,Dh]) whose keys/values are already written
+    into the cache ck, cv [B,K,S,Dh]. With nothing cached before them (static index 0)
+    only the new tokens are attended (mask: [B,T,T]); else all slots (mask: [B,T,S])."""
+    if _is_static_zero(cache_index):
+        return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    B, T, H, Dh = q.shape
+    K = ck.shape[1]
+    G = H // K
+    # Query rows of one kv head as one [G*T, Dh] block: both products are then plain
+    # batched matmuls over (batch, kv head) that XLA:CPU hands to its fast matmul
+    # library (with separate g and t dims it picked a slow generic dot).
+    qg = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32)
+    mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, mask.shape[-1])).reshape(B, 1, G * T, -1)
+    scores = jnp.where(mask, scores / math.sqrt(Dh), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, cv.astype(q.dtype))  # [B, K, G*T, Dh]
+    return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
