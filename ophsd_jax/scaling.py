@@ -14,8 +14,6 @@ import argparse
 import dataclasses
 import math
 
-import numpy as np
-
 from ophsd_jax import parallel
 from ophsd_jax.models.config import ModelConfig, as_dtype
 from ophsd_jax.models.transformer import layer_param_specs

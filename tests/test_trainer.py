@@ -93,7 +93,6 @@ def test_evaluate_cli_writes_per_example_records(finished_run):
 
 
 def test_export_loads_in_transformers_with_matching_logits(finished_run):
-    import jax
     import jax.numpy as jnp
     import torch
     import transformers

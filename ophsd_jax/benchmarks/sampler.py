@@ -18,7 +18,6 @@ import numpy as np
 from ophsd_jax import parallel
 from ophsd_jax.benchmarks.common import best_time, emit, memory_read_bandwidth
 from ophsd_jax.models import bundled
-from ophsd_jax.models import state as S
 from ophsd_jax.sampling import Sampler
 
 

@@ -53,11 +53,6 @@ def bundled_gguf_path() -> str:
     return path
 
 
-def _field_value(field):
-    value = field.contents()
-    return value
-
-
 def _hf_name(gguf_name: str) -> str:
     if gguf_name in _GGUF_TO_HF:
         return _GGUF_TO_HF[gguf_name]
@@ -82,7 +77,7 @@ def read_gguf(path: str):
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - gguf raises assorted errors on bad files
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-    fields = {k: _field_value(f) for k, f in reader.fields.items()}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (only llama)")
