@@ -19,30 +19,13 @@ def best_time(fn, repeats: int = 3) -> float:
     return best
 
 
-def memory_read_bandwidth(sizes=(1 << 28, 1 << 30), repeats: int = 5) -> tuple[float, str]:
-    """(bytes/s, how): the best streaming-read rate JAX reaches on this machine.
-
-    The maximum over a few reductions (whole-array sum, row sums, max) of fp32 arrays
-    far larger than the caches, best of `repeats` each. A higher reading makes any
-    "fraction of bandwidth" derived from it smaller, so taking the best is the
-    conservative choice; the rate varies between runs on a shared host.
-    """
-    methods = {
-        "sum": lambda a: jnp.sum(a),
-        "row sums": lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
-        "max": lambda a: jnp.max(a),
-    }
-    best, how = 0.0, ""
-    for nbytes in sizes:
-        x = jnp.ones((nbytes // 4,), jnp.float32)
-        for name, fn in methods.items():
-            f = jax.jit(fn)
-            f(x).block_until_ready()
-            bw = nbytes / best_time(lambda: f(x).block_until_ready(), repeats=repeats)
-            if bw > best:
-                best, how = bw, f"{name} over {nbytes >> 20} MiB"
-        del x
-    return best, how
+def memory_read_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s for a streaming reduction over a large fp32 array in JAX."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a))
+    f(x).block_until_ready()
+    t = best_time(lambda: f(x).block_until_ready(), repeats=5)
+    return nbytes / t
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
