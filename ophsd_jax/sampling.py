@@ -79,9 +79,18 @@ def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top
     return logits
 
 
+def greedy_token(logits) -> jax.Array:
+    """`jnp.argmax(logits, axis=-1)` (first maximum; a NaN counts as the maximum) as a max
+    and then a min-index reduction: two plain reductions beat XLA:CPU's (value, index)
+    argmax reduction, ~0.5 ms of a ~25 ms decode step (SmolLM2, batch 8)."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == m) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
+
+
 def sample_token(logits, key, temperature, top_k, top_p, *, greedy: bool, use_top_k: bool, use_top_p: bool):
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_token(logits)
     filtered = filter_logits(logits, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 

@@ -1,5 +1,5 @@
-"""Sampler: greedy parity with transformers.generate, log-probs, filtering statistics,
-compile counts, and sharded generation."""
+"""Sampler: greedy parity with transformers.generate (both layer loops), log-probs,
+filtering statistics, compile counts, and sharded generation."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from hf_reference import make_hf_model, save_hf_model
 from ophsd_jax import parallel
 from ophsd_jax.models import state as S
 from ophsd_jax.models.weights import load_hf
-from ophsd_jax.sampling import Sampler, filter_logits, sample_token
+from ophsd_jax.sampling import Sampler, filter_logits, greedy_token, sample_token
 
 PROMPTS = [[5, 17, 99, 23, 4, 61, 7], [250, 11], [42, 42, 8, 300, 19, 77, 150, 3, 9, 200, 12]]
 
@@ -56,9 +56,14 @@ def assert_no_near_ties(scores, rows, min_gap=1e-2):
         assert gap > min_gap, f"row {i}: top-2 logits within {gap}; pick another seed"
 
 
-def test_greedy_matches_transformers_with_stop_tokens(model):
+LAYER_LOOPS = ["scan", "unrolled"]
+
+
+@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
+def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop):
     hf, cfg, graphdef, params = model
-    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False)
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                      layer_loop=layer_loop)
     ref, scores = hf_greedy(hf, PROMPTS, 12, stop=None)
     assert_no_near_ties(scores, ref)
     ours = sampler.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0), temperature=0.0)
@@ -73,9 +78,11 @@ def test_greedy_matches_transformers_with_stop_tokens(model):
     assert list(ours_s.lengths) == [len(r) for r in ref_s]
 
 
-def test_logprobs_equal_teacher_forced_forward(model):
+@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
+def test_logprobs_equal_teacher_forced_forward(model, layer_loop):
     _, cfg, graphdef, params = model
-    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False)
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                      layer_loop=layer_loop)
     out = sampler.generate(params, PROMPTS, max_new_tokens=10, rng=jax.random.key(1), temperature=1.0)
     for prompt, gen, lp in zip(PROMPTS, out.tokens, out.logprobs):
         seq = jnp.asarray([prompt + gen], jnp.int32)
@@ -84,6 +91,29 @@ def test_logprobs_equal_teacher_forced_forward(model):
         logp = jax.nn.log_softmax(S.logits(graphdef, params, h)[0], axis=-1)
         ref = np.asarray([logp[len(prompt) - 1 + j, t] for j, t in enumerate(gen)])
         np.testing.assert_allclose(lp, ref, atol=1e-4)
+
+
+def test_layer_loops_agree(model):
+    """Scanned and unrolled layers: same tokens, same log-probs, when sampling too."""
+    _, cfg, graphdef, params = model
+    mesh = parallel.single_device_mesh()
+    outs = [Sampler(cfg, graphdef, mesh, max_batch=4, show_progress=False, layer_loop=loop).generate(
+        params, PROMPTS, max_new_tokens=10, rng=jax.random.key(3), temperature=1.0) for loop in LAYER_LOOPS]
+    assert outs[0].tokens == outs[1].tokens
+    for a, b in zip(outs[0].logprobs, outs[1].logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert Sampler(cfg, graphdef, mesh).layer_loop == "unrolled"  # the CPU default
+    with pytest.raises(ValueError, match="layer_loop"):
+        Sampler(cfg, graphdef, mesh, layer_loop="loop")
+
+
+def test_greedy_token_is_argmax():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, (64, 50)).astype(np.float32)  # many ties: the first maximum wins
+    logits[0, 7] = np.nan  # a NaN counts as the maximum, as in argmax
+    logits[1, 3] = logits[1, 9] = np.nan
+    logits[2] = -np.inf
+    np.testing.assert_array_equal(greedy_token(jnp.asarray(logits)), np.argmax(logits, axis=-1))
 
 
 def _reference_filtered_probs(logits, temperature, top_k, top_p):
@@ -154,13 +184,14 @@ def test_large_batches_are_chunked(model):
     assert a.tokens == b.tokens and len(a.tokens) == 5
 
 
-def test_sharded_generation_matches_single_device(model):
+@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
+def test_sharded_generation_matches_single_device(model, layer_loop):
     _, cfg, graphdef, params = model
     single = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=8, show_progress=False)
     ref = single.generate(params, PROMPTS * 2, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0)
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     placed = jax.device_put(params, S.param_shardings(params, mesh))
-    sharded = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False)
+    sharded = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, layer_loop=layer_loop)
     out = sharded.generate(placed, PROMPTS * 2, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0)
     assert out.tokens == ref.tokens
     for a, b in zip(out.logprobs, ref.logprobs):

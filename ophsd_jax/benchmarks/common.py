@@ -28,6 +28,34 @@ def memory_read_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / t
 
 
+def best_read_bandwidth(sizes=(1 << 28, 1 << 30), repeats: int = 5) -> tuple[float, str]:
+    """(bytes/s, how): the best streaming-read rate JAX reaches on this machine.
+
+    The maximum over a few reductions (whole-array sum, row sums, max) of fp32 arrays far
+    larger than the caches, best of `repeats` each. A higher reading makes a "fraction of
+    bandwidth" derived from it smaller, so taking the best is the conservative choice;
+    on a shared host single readings vary by tens of percent.
+    """
+    methods = {
+        "sum": jnp.sum,
+        "row sums": lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
+        "max": jnp.max,
+    }
+    def rate(fn, x):
+        f = jax.jit(fn)
+        f(x).block_until_ready()
+        return x.nbytes / best_time(lambda: f(x).block_until_ready(), repeats=repeats)
+
+    best, how = 0.0, ""
+    for nbytes in sizes:
+        x = jnp.ones((nbytes // 4,), jnp.float32)
+        for name, fn in methods.items():
+            bw = rate(fn, x)
+            if bw > best:
+                best, how = bw, f"{name} over {nbytes >> 20} MiB"
+    return best, how
+
+
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
     """FLOP/s of a large dense matmul in JAX: the compute roof for MFU."""
     a = jnp.ones((n, n), dtype)

@@ -3,9 +3,14 @@
     python -m ophsd_jax.benchmarks.sampler [--batch 8 --prompt 128 --new 128]
 
 Both sides: same dequantized weights, same batch, greedy, exactly `--new` tokens (no
-stop tokens). Decode is memory-bound, so the run also measures this machine's read
-bandwidth and reports how close our decode gets to it:
-bytes read per step (all weights + the KV cache of the live context) x steps/s / bandwidth.
+stop tokens), timed the same way: generating 1 token (= prefill) and `--new` tokens,
+best of `--repeats` after a warm-up; decode rate = (new - 1) steps / the difference.
+Rows: fp32, and bf16 weights (bf16 storage, fp32 compute) on both sides.
+
+Decode is reported against this machine's memory read bandwidth, measured in the same
+run (best of several reductions, before and after the timings): bytes a decode step must
+read (all weights at their storage dtype, the tied embedding once as the LM head, plus
+the KV cache of the live context, averaged over the steps) x steps/s / bandwidth.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import jax
 import numpy as np
 
 from ophsd_jax import parallel
-from ophsd_jax.benchmarks.common import best_time, emit, memory_read_bandwidth
+from ophsd_jax.benchmarks.common import best_read_bandwidth, best_time, emit
 from ophsd_jax.models import bundled
+from ophsd_jax.models.config import as_dtype
 from ophsd_jax.sampling import Sampler
+
+ROWS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "float32")}  # name: (param dtype, compute dtype)
 
 
 def make_prompts(tok, batch: int, length: int) -> list[list[int]]:
@@ -28,35 +36,59 @@ def make_prompts(tok, batch: int, length: int) -> list[list[int]]:
     return [ids[i: i + length] for i in range(batch)]  # same length, different content
 
 
-def bench_ours(cfg, graphdef, params, prompts, new):
+def bench_ours(cfg, graphdef, params, prompts, new, repeats):
+    """(prefill seconds, total seconds, generated tokens, compile count)."""
     sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=len(prompts), show_progress=False,
                       prompt_buckets=(len(prompts[0]),), new_token_buckets=(new,))
     key = jax.random.key(0)
     run = lambda n: sampler.generate(params, prompts, max_new_tokens=n, rng=key, temperature=0.0)  # noqa: E731
-    run(new), run(1)  # compile (one program serves both: same buckets)
-    t_prefill = best_time(lambda: run(1))
-    t_total = best_time(lambda: run(new))
-    return t_prefill, t_total, sampler.trace_count
+    tokens = run(new).tokens  # compiles; one program serves both lengths (same buckets)
+    run(1)
+    return best_time(lambda: run(1), repeats), best_time(lambda: run(new), repeats), tokens, sampler.trace_count
 
 
-def bench_hf(cfg, tensors, prompts, new):
+def bench_hf(param_dtype, prompts, new, repeats):
+    """(prefill seconds, total seconds, generated tokens) for transformers.generate."""
     import torch
     import transformers
 
-    hf_cfg, weights, _ = tensors
+    hf_cfg, weights, _ = bundled.read_gguf(bundled.bundled_gguf_path())
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
     model.tie_weights()
+    model.to(getattr(torch, param_dtype))
+    # No stop token, like ours: exactly n tokens, and no EOS suppression either (which
+    # `min_new_tokens` would add, changing the greedy continuation where EOS is on top).
+    model.generation_config.eos_token_id = None
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 
-    def generate(n):  # greedy, exactly n new tokens; timed the same way as ours
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                           min_new_tokens=n, pad_token_id=0)
+    def generate(n):  # greedy, exactly n new tokens
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                  pad_token_id=0)
 
-    generate(2)  # warm-up
-    return best_time(lambda: generate(1), repeats=2), best_time(lambda: generate(new), repeats=2)
+    out = generate(new)  # warm-up
+    assert out.shape[1] == ids.shape[1] + new, out.shape
+    generate(1)
+    tokens = out[:, ids.shape[1]:].tolist()
+    return best_time(lambda: generate(1), repeats), best_time(lambda: generate(new), repeats), tokens
+
+
+def _common_prefix(a, b) -> int:
+    """How many leading tokens two greedy continuations share (fp32 sums in a different
+    order can flip a near-tie, after which the continuations differ)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def decode_bytes(cfg, batch, prompt, new, param_dtype, cache_dtype) -> float:
+    """Bytes one decode step must read, averaged over the steps: every weight once at its
+    storage dtype (num_params counts the tied embedding once: the LM head), plus keys and
+    values of the live context (step i attends over prompt + i slots)."""
+    weights = cfg.num_params() * as_dtype(param_dtype).itemsize
+    per_slot = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * as_dtype(cache_dtype).itemsize
+    avg_live = np.mean([prompt + i for i in range(1, new)])
+    return weights + per_slot * avg_live
 
 
 def main(argv=None):
@@ -64,42 +96,54 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args(argv)
-    B, P, N = args.batch, args.prompt, args.new
+    B, P, N, R = args.batch, args.prompt, args.new, args.repeats
 
-    bw = memory_read_bandwidth()
-    print(f"memory read bandwidth: {bw / 1e9:.1f} GB/s  (jax {jax.__version__}, {jax.devices()[0].platform})")
+    bw_start, how = best_read_bandwidth()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {B}, prompt {P}, new {N}, best of {R}")
+    print(f"memory read bandwidth at start: {bw_start / 1e9:.1f} GB/s ({how})")
     mesh = parallel.single_device_mesh()
-    rows, result = [], {}
-    for dtype in ("float32", "bfloat16"):
-        cfg, graphdef, params, tok = bundled.load_bundled(mesh, param_dtype=dtype, dtype=dtype)
+    rows = {}
+    for name, (param_dtype, dtype) in ROWS.items():
+        cfg, graphdef, params, tok = bundled.load_bundled(mesh, param_dtype=param_dtype, dtype=dtype)
         prompts = make_prompts(tok, B, P)
-        t_pre, t_tot, traces = bench_ours(cfg, graphdef, params, prompts, N)
-        decode_steps_s = (N - 1) / (t_tot - t_pre)
-        itemsize = np.dtype(dtype if dtype == "float32" else np.float16).itemsize
-        weight_bytes = cfg.num_params() * itemsize
-        avg_ctx = P + N / 2
-        kv_bytes = 2 * cfg.num_layers * B * avg_ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
-        frac = (weight_bytes + kv_bytes) * decode_steps_s / bw
-        row = dict(dtype=dtype, ours_decode_tok_s=B * decode_steps_s, ours_prefill_tok_s=B * P / t_pre,
-                   bandwidth_fraction=frac, compiles=traces)
+        t_pre, t_all, ours_tokens, compiles = bench_ours(cfg, graphdef, params, prompts, N, R)
+        row = dict(steps_s=(N - 1) / (t_all - t_pre), ours_prefill_tok_s=B * P / t_pre, compiles=compiles,
+                   bytes_per_step=decode_bytes(cfg, B, P, N, param_dtype, dtype))
+        row["ours_decode_tok_s"] = B * row["steps_s"]
         if not args.skip_hf:
-            h_pre, h_tot = bench_hf(cfg, bundled.read_gguf(bundled.bundled_gguf_path()), prompts, N) \
-                if dtype == "float32" else (None, None)
-            if h_pre is not None:
-                row.update(hf_decode_tok_s=B * (N - 1) / (h_tot - h_pre), hf_prefill_tok_s=B * P / h_pre)
-                row["decode_speedup"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
-        rows.append(row)
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if dtype == "float32":
-            result = row
-    bf16 = rows[1]
-    emit({"bench": "sampler", "ours_decode_tok_s": result["ours_decode_tok_s"],
-          "hf_decode_tok_s": result.get("hf_decode_tok_s"), "decode_speedup": result.get("decode_speedup"),
-          "ours_prefill_tok_s": result["ours_prefill_tok_s"], "hf_prefill_tok_s": result.get("hf_prefill_tok_s"),
-          "bandwidth_fraction": result["bandwidth_fraction"], "bf16_decode_tok_s": bf16["ours_decode_tok_s"],
-          "bf16_bandwidth_fraction": bf16["bandwidth_fraction"], "batch": B, "prompt": P, "new": N})
+            h_pre, h_all, hf_tokens = bench_hf(param_dtype, prompts, N, R)
+            row.update(hf_decode_tok_s=B * (N - 1) / (h_all - h_pre), hf_prefill_tok_s=B * P / h_pre)
+            row["decode_speedup"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
+            row["common_prefix"] = [_common_prefix(a, b) for a, b in zip(ours_tokens, hf_tokens)]
+        rows[name] = row
+
+    bw_end, how_end = best_read_bandwidth()
+    print(f"memory read bandwidth at end:   {bw_end / 1e9:.1f} GB/s ({how_end})")
+    bw = max(bw_start, bw_end)
+    print(f"bound used: {bw / 1e9:.1f} GB/s (the higher reading)")
+    for name, row in rows.items():
+        row["bandwidth_fraction"] = row["bytes_per_step"] * row["steps_s"] / bw
+        print(f"{name:5s} ours: decode {row['ours_decode_tok_s']:7.1f} tok/s ({row['steps_s']:.1f} steps/s, "
+              f"{row['bytes_per_step'] / 1e6:.0f} MB/step, {row['bandwidth_fraction']:.2f} of bandwidth), "
+              f"prefill {row['ours_prefill_tok_s']:7.1f} tok/s, {row['compiles']} compile(s)")
+        if "hf_decode_tok_s" in row:
+            print(f"{name:5s} HF:   decode {row['hf_decode_tok_s']:7.1f} tok/s, prefill {row['hf_prefill_tok_s']:7.1f} "
+                  f"tok/s; ours/HF decode {row['decode_speedup']:.2f}x; "
+                  f"greedy tokens equal to HF's for the first {min(row['common_prefix'])} (min) / "
+                  f"{np.mean(row['common_prefix']):.0f} (mean) of {N}")
+
+    fp32, bf16 = rows["fp32"], rows["bf16"]
+    emit({"bench": "sampler", "ours_decode_tok_s": fp32["ours_decode_tok_s"],
+          "hf_decode_tok_s": fp32.get("hf_decode_tok_s"),
+          "decode_speedup": fp32.get("decode_speedup"), "ours_prefill_tok_s": fp32["ours_prefill_tok_s"],
+          "hf_prefill_tok_s": fp32.get("hf_prefill_tok_s"), "bandwidth_fraction": fp32["bandwidth_fraction"],
+          "bf16_ours_decode_tok_s": bf16["ours_decode_tok_s"], "bf16_hf_decode_tok_s": bf16.get("hf_decode_tok_s"),
+          "bf16_decode_speedup": bf16.get("decode_speedup"), "bf16_ours_prefill_tok_s": bf16["ours_prefill_tok_s"],
+          "bf16_hf_prefill_tok_s": bf16.get("hf_prefill_tok_s"), "bf16_bandwidth_fraction": bf16["bandwidth_fraction"],
+          "bandwidth_gbs": bw / 1e9, "batch": B, "prompt": P, "new": N})
 
 
 if __name__ == "__main__":

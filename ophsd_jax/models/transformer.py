@@ -121,10 +121,9 @@ class Decoder(nnx.Module):
             def attend(q, k, v):
                 if kv is None:
                     return attention(q, k, v, mask), None
+                # Write first, then read the layer back: reading the old buffer while the
+                # write updates it in place would make XLA copy the whole cache.
                 ck, cv = (_write_slots(c, new[None], cache_index, layer) for c, new in zip(kv, (k, v)))
-                # Without the barrier XLA fuses the write into the read below, which then
-                # reads the old buffer, and to keep that alive it copies the whole cache.
-                ck, cv = jax.lax.optimization_barrier((ck, cv))
                 return _cache_attention(q, k, v, mask, ck[layer], cv[layer], cache_index), (ck, cv)
 
             x, kv = _layer(cfg, x, p, cos, sin, attend)
