@@ -28,8 +28,14 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, rng, template_kwargs=None):
-    """(summary dict, per-example records). `harness=None` skips the harness measurement."""
+def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, rng, template_kwargs=None,
+             first_index: int = 0, gather=None):
+    """(summary dict, per-example records). `harness=None` skips the harness measurement.
+
+    Multi-process: each process passes its share of the examples (`first_index`: the
+    position of the first one, for records without an id) and `gather(records) -> all
+    records in order`; the summary then covers every process's examples.
+    """
     k = eval_cfg.k
     convs = [task.student_messages(e) for e in examples]
     out = generate_chat_tokens(sampler, tokenizer, params, [m for m in convs for _ in range(k)],
@@ -40,13 +46,10 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
     for i, (e, m) in enumerate(zip(examples, convs)):
         texts = out.texts[i * k:(i + 1) * k]
         rewards = [float(task.reward(t, e)) for t in texts]
-        records.append({"id": e.get("id", i), "prompt": m[-1]["content"], "responses": texts,
+        records.append({"id": e.get("id", first_index + i), "prompt": m[-1]["content"], "responses": texts,
                         "extracted": [task.extract_answer(t) for t in texts], "rewards": rewards,
-                        "reference": task.reference_answer(e)})
-    summary = {f"eval/avg@{k}": _mean([r for rec in records for r in rec["rewards"]]),
-               f"eval/pass@{k}": _mean([max(rec["rewards"]) for rec in records]),
-               "eval/response_tokens": float(np.mean([len(t) for t in out.tokens])),
-               "eval/examples": len(examples)}
+                        "reference": task.reference_answer(e),
+                        "response_tokens": [len(t) for t in out.tokens[i * k:(i + 1) * k]]})
     if harness is not None:
         gen = make_generate_chat(sampler, tokenizer, params, jax.random.fold_in(rng, 1),
                                  template_kwargs=template_kwargs)
@@ -55,6 +58,13 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
             rec["harness_response"] = res.final_response
             rec["harness_mode"] = res.mode
             rec["harness_reward"] = float(task.reward(res.final_response, e)) if res.final_response else None
+    if gather is not None:
+        records = gather(records)
+    summary = {f"eval/avg@{k}": _mean([r for rec in records for r in rec["rewards"]]),
+               f"eval/pass@{k}": _mean([max(rec["rewards"]) for rec in records]),
+               "eval/response_tokens": float(np.mean([n for rec in records for n in rec["response_tokens"]])),
+               "eval/examples": len(records)}
+    if harness is not None:
         summary["eval/harness_acc"] = _mean([rec["harness_reward"] for rec in records])
     return summary, records
 

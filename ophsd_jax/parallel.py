@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import math
 import os
@@ -59,7 +60,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
         arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
     except Exception:  # noqa: BLE001 - CPU / odd counts: plain order is fine
         arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, MESH_AXES)
+    return Mesh(process_major(arr, devices), MESH_AXES)
+
+
+def process_major(arr: np.ndarray, devices: Sequence) -> np.ndarray:
+    """`arr` if its devices, read in order, go process by process; else `devices` so ordered.
+
+    Multi-process: each process then owns one contiguous block of the mesh, in process
+    order, so its devices hold one contiguous block of batch rows (see `batch_share`).
+    """
+    procs = [d.process_index for d in arr.flat]
+    if procs == sorted(procs):
+        return arr
+    return np.asarray(sorted(devices, key=lambda d: d.process_index)).reshape(arr.shape)
 
 
 def single_device_mesh() -> Mesh:
@@ -156,7 +169,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 
 def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host value every process holds (each places its own shards)."""
+    """A global array from a host value every process holds (each places its own shards).
+    An array already placed with `sharding` (e.g. built by `from_process_rows`) passes through."""
+    if isinstance(host, jax.Array) and host.sharding.is_equivalent_to(sharding, host.ndim):
+        return host
     host = np.asarray(host)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
@@ -176,3 +192,102 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+# ---- process shares of the batch ------------------------------------------------------
+# With several processes, each one handles only its own contiguous block of each batch's
+# rows (its "share", `(index, count)`): it samples, runs the harness and builds the paired
+# batch for those rows, and global arrays are assembled from the blocks. Small host values
+# (shapes, metrics, memory-bank entries) travel with the `allgather_*` helpers. One share
+# `(0, 1)` means every process handles every row (one process, or a fallback layout).
+
+
+def batch_share(mesh: Mesh) -> tuple[int, int]:
+    """(index, count) of this process's share of batch rows (sharded over ("data", "fsdp")).
+
+    (process_index, process_count) when process i's devices hold exactly rows block i of
+    count (`make_mesh` orders devices so they do whenever each process holds whole tensor
+    groups); otherwise (0, 1): batch rows are replicated across processes (e.g. a tensor
+    axis spanning processes) and every process handles every row, as with one process.
+    """
+    n = jax.process_count()
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if n == 1 or rows % n:
+        return 0, 1
+    per = rows // n
+    owned: dict[int, set[int]] = {}
+    for d, idx in NamedSharding(mesh, P(("data", "fsdp"))).devices_indices_map((rows,)).items():
+        owned.setdefault(d.process_index, set()).update(range(rows)[idx[0]])
+    if all(owned.get(p) == set(range(p * per, (p + 1) * per)) for p in range(n)):
+        return jax.process_index(), n
+    log.warning("batch rows are not split into one block per process on mesh %s: every process "
+                "handles the whole batch", dict(mesh.shape))
+    return 0, 1
+
+
+def share_slice(n: int, share: tuple[int, int]) -> slice:
+    """The contiguous block of `n` items that `share` takes (block sizes differ by at most 1)."""
+    i, count = share
+    return slice(i * n // count, (i + 1) * n // count)
+
+
+def from_process_rows(local: np.ndarray, sharding: NamedSharding, share: tuple[int, int]) -> jax.Array:
+    """Global array whose rows are every share's equal-sized `local` block, in share order."""
+    local = np.asarray(local)
+    if share[1] == 1:
+        return global_array(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local, (local.shape[0] * share[1], *local.shape[1:]))
+
+
+def process_rows(x: jax.Array, share: tuple[int, int]) -> np.ndarray:
+    """This share's block of rows of the global `x`, read from this process's own shards
+    (no communication; `x`'s rows must be sharded like the batch)."""
+    if share[1] == 1:
+        return to_host(x)
+    rows = share_slice(x.shape[0], share)
+    out = np.zeros((rows.stop - rows.start, *x.shape[1:]), x.dtype)
+    seen = np.zeros(out.shape, bool)
+    for shard in x.addressable_shards:
+        r = range(x.shape[0])[shard.index[0]]
+        lo, hi = max(r.start, rows.start), min(r.stop, rows.stop)
+        if lo < hi:
+            dst = (slice(lo - rows.start, hi - rows.start), *shard.index[1:])
+            out[dst] = np.asarray(shard.data)[lo - r.start:hi - r.start]
+            seen[dst] = True
+    if not seen.all():
+        raise RuntimeError(f"rows {rows} of an array with sharding {x.sharding} are not on this process")
+    return out
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """[process_count, *x.shape]: every process's `x` (same shape and dtype everywhere)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def allgather_rows(x: np.ndarray) -> list[np.ndarray]:
+    """Every process's `x`, in process order; the shapes may differ (same ndim >= 1 and dtype)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return [x]
+    shapes = _allgather(np.asarray(x.shape, np.int32))  # agree on a padded shape first
+    padded = np.zeros(shapes.max(axis=0), x.dtype)
+    if padded.size == 0:
+        return [np.zeros(tuple(s), x.dtype) for s in shapes]
+    padded[tuple(slice(0, s) for s in x.shape)] = x
+    return [g[tuple(slice(0, s) for s in shape)] for g, shape in zip(_allgather(padded), shapes)]
+
+
+def allgather_json(value) -> list:
+    """Every process's JSON-able `value` (small host data: metrics, texts), in process order."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    return [json.loads(part.tobytes()) for part in allgather_rows(data)]
+
+
+def agree_max(values: Sequence[int]) -> list[int]:
+    """Element-wise maximum over processes of an int vector of the same length everywhere."""
+    values = np.asarray(values, np.int32)
+    if jax.process_count() == 1:
+        return values.tolist()
+    return _allgather(values).max(axis=0).tolist()

@@ -15,10 +15,11 @@ import time
 import jax
 import numpy as np
 
-from ophsd_jax import runtime
+from ophsd_jax import parallel, runtime
 from ophsd_jax.checkpointing import CheckpointManager, abstract_like, join_arrays, split_arrays
 from ophsd_jax.data.iterator import ExampleIterator
-from ophsd_jax.distill.batch import Buckets
+from ophsd_jax.distill.batch import Buckets, PairBatch, SideBatch
+from ophsd_jax.distill.losses import reward_weights
 from ophsd_jax.distill.step import TrainStep, init_train_state, learning_rate_schedule, OptimConfig
 from ophsd_jax.evaluate import evaluate, write_eval
 from ophsd_jax.metrics import MetricsWriter, PhaseTimer, progress_bar
@@ -27,7 +28,8 @@ log = logging.getLogger("ophsd_jax.train")
 
 
 class Run:
-    _stop_requested = False
+    _stop_requested = False  # set by the signal handler, on this process only
+    _stopping = False  # agreed by all processes at the end of each step
 
     @classmethod
     def request_stop(cls, signum=None, frame=None):
@@ -36,7 +38,7 @@ class Run:
 
     @property
     def preempted(self) -> bool:
-        return Run._stop_requested
+        return self._stopping
 
     @classmethod
     def create(cls, config, workdir: str, *, restore_step: int | None = None, for_eval: bool = False) -> "Run":
@@ -44,6 +46,11 @@ class Run:
         self.config, self.workdir = config, workdir
         c = config
         self.mesh = runtime.make_mesh(c)
+        # Multi-process: this process's block of every batch's rows (see parallel.batch_share).
+        self.share = parallel.batch_share(self.mesh)
+        if c.train.batch_size % self.share[1]:
+            raise ValueError(f"config.train.batch_size={c.train.batch_size} must be divisible by the number of "
+                             f"processes ({self.share[1]}): each process takes an equal share of every batch")
         self.model_cfg, self.graphdef, params, self.tokenizer = runtime.load_model(c, self.mesh)
         self.data = runtime.load_data(c, workdir)
         self.harness = runtime.make_run_harness(c, self.data)
@@ -56,7 +63,7 @@ class Run:
         self.teacher_params = (jax.tree.map(lambda x: x.astype(self.model_cfg.dtype) + 0, params)
                                if c.distill.teacher == "initial" else None)
         self.state = init_train_state(params, self.optimizer, self.mesh)
-        self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed)
+        self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                       async_save=c.train.async_checkpoints)
         self.step = 0
@@ -99,17 +106,62 @@ class Run:
     # ---- per step ----------------------------------------------------------------------
 
     def next_examples(self) -> list[dict]:
+        """This process's share of the next batch (the iterator position is global)."""
         return next(self.data_iter)
+
+    def global_batch(self, batch: PairBatch, harness_rewards) -> tuple[PairBatch, np.ndarray, dict]:
+        """(batch, sample weights, batch metrics) for the train step, from this process's
+        rows: lengths agreed by all processes, the global batch assembled from each
+        process's rows, weights and metrics over the whole batch."""
+        c, meta, row_mask = self.config, batch.meta, batch.row_mask
+        # Rows hold the kept examples first, then dummy rows: rewards in row order.
+        row_rewards = np.zeros(row_mask.shape, np.float32)
+        row_rewards[:meta.num_valid] = np.nan_to_num(np.asarray(harness_rewards, np.float32)[list(meta.kept)])
+        metrics = meta.metrics()
+        if self.share[1] > 1:
+            lengths = parallel.agree_max([batch.student.tokens.shape[1], batch.teacher.tokens.shape[1],
+                                          batch.resp_tokens.shape[1]])
+            batch = _pad_lengths(batch, *lengths, pad_id=self.tokenizer.pad_token_id or 0)
+            parts = parallel.allgather_json([metrics, row_rewards.tolist(), row_mask.tolist()])
+            metrics = {k: sum(p[0][k] for p in parts) for k in metrics}
+            row_rewards = np.asarray([r for p in parts for r in p[1]], np.float32)
+            row_mask = np.asarray([m for p in parts for m in p[2]], np.float32)
+            batch = jax.tree.map(lambda a: parallel.from_process_rows(a, self.train_step.batch_sharding, self.share),
+                                 batch)
+        weights = row_mask
+        if c.distill.reward_weight_beta > 0:
+            weights = np.asarray(reward_weights(row_rewards, c.distill.reward_weight_beta, valid=row_mask))
+        return batch, weights, metrics
+
+    def observe(self, examples: list[dict]) -> None:
+        """Harness bookkeeping after a step. With several processes each one adds its own
+        examples, then every memory bank gets every process's additions in batch order: the
+        same bank as one process would have."""
+        bank = getattr(self.harness, "bank", None)
+        start = len(bank) if bank is not None else 0
+        self.harness.observe(examples)
+        if bank is None or self.share[1] == 1:
+            return
+        texts, labels, ids, embeddings = bank.take_since(start)
+        parts = parallel.allgather_json([texts, [list(x) for x in labels], ids])
+        for (t, l, i), e in zip(parts, parallel.allgather_rows(embeddings)):
+            bank.put_back(t, l, i, e)
 
     def progress(self):
         return progress_bar(self.config.train.steps, initial=self.step)
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
         task = self.data.task
-        rewards = [task.reward(t, e) for t, e in zip(rollout.texts, examples)]
-        modes = collections.Counter(r.mode for r in results)
+        per_example = {"rewards": [float(task.reward(t, e)) for t, e in zip(rollout.texts, examples)],
+                       "tokens": [len(t) for t in rollout.tokens], "modes": [r.mode for r in results],
+                       "harness": [float(r) for r in harness_rewards]}
+        if self.share[1] > 1:  # every process's examples, so that process 0 logs whole-batch numbers
+            parts = parallel.allgather_json(per_example)
+            per_example = {k: [x for p in parts for x in p[k]] for k in per_example}
+        rewards, harness_rewards = per_example["rewards"], per_example["harness"]
+        modes = collections.Counter(per_example["modes"])
         out = {"rollout/reward": float(np.mean(rewards)),
-               "rollout/response_tokens": float(np.mean([len(t) for t in rollout.tokens])),
+               "rollout/response_tokens": float(np.mean(per_example["tokens"])),
                "harness/reward": float(np.nanmean(harness_rewards)) if not np.all(np.isnan(harness_rewards)) else float("nan"),
                "lr": float(self.lr(step)),
                **{f"harness/mode_{m}": n for m, n in modes.items()}}
@@ -121,6 +173,8 @@ class Run:
     def end_step(self, step: int, metrics: dict, bar):
         """Log, evaluate and checkpoint after `step` updates."""
         c = self.config
+        # A stop request (SIGTERM) may reach the processes at different steps: all stop at the first.
+        self._stopping = bool(parallel.agree_max([Run._stop_requested])[0])
         train_seconds = sum(self.timer.seconds.values())
         if step % c.train.eval_every == 0 or step == c.train.steps:
             with self.timer("eval"):
@@ -157,13 +211,18 @@ class Run:
         if ev is None or len(ev) == 0:
             return {}
         n = len(ev) if not c.eval.num_examples else min(c.eval.num_examples, len(ev))
+        part = parallel.share_slice(n, self.share)  # this process's examples; records gathered below
+        gather = None
+        if self.share[1] > 1:
+            gather = lambda records: [r for p in parallel.allgather_json(records) for r in p]  # noqa: E731
         harness = None
         if c.eval.harness:
             harness = runtime.make_eval_harness(c, self.data, self.harness)
         summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.state.params,
-                                    task=self.data.task, harness=harness, examples=[ev[i] for i in range(n)],
-                                    eval_cfg=c.eval, rng=jax.random.fold_in(jax.random.key(c.seed + 1), step),
-                                    template_kwargs=self.template_kwargs)
+                                    task=self.data.task, harness=harness,
+                                    examples=[ev[i] for i in range(part.start, part.stop)], eval_cfg=c.eval,
+                                    rng=jax.random.fold_in(jax.random.key(c.seed + 1), step),
+                                    template_kwargs=self.template_kwargs, first_index=part.start, gather=gather)
         if jax.process_index() == 0:
             write_eval(self.workdir, step, summary, records)
         log.info("eval @ step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in summary.items()
@@ -189,6 +248,21 @@ class Run:
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
+
+
+def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pad_id: int) -> PairBatch:
+    """Right-pad a paired batch to longer (agreed) lengths: the arrays `build_pair_batch`
+    makes with those buckets (padding: pad_id tokens, position 0, masks 0)."""
+    def pad(x, n, value=0):
+        return np.pad(x, [(0, 0), (0, n - x.shape[1])], constant_values=value)
+
+    def side(s: SideBatch, n: int) -> SideBatch:
+        return SideBatch(pad(s.tokens, n, pad_id), pad(s.positions, n), pad(s.attn_mask, n),
+                         pad(s.resp_index, response))
+
+    return PairBatch(side(batch.student, student), side(batch.teacher, teacher),
+                     pad(batch.resp_tokens, response, pad_id), pad(batch.resp_mask, response), batch.row_mask,
+                     batch.meta)
 
 
 def _summary_table(evals: dict[int, dict], timing: dict) -> str:

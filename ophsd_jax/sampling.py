@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ophsd_jax import parallel
 from ophsd_jax.models import state as model_state
@@ -116,32 +116,52 @@ class Sampler:
         # Batch rows are sharded over these mesh axes; batch buckets are multiples of it.
         self.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.max_batch = max(self.batch_shards, max_batch - max_batch % self.batch_shards)
+        # Multi-process: this process's share of every call's batch rows (see parallel.batch_share).
+        self.share = parallel.batch_share(mesh)
         self.trace_count = 0  # incremented each time `_generate_chunk` is traced (= compiled)
-        self._jitted = jax.jit(self._generate_chunk, static_argnames=("n_new_bucket", "greedy", "use_top_k", "use_top_p"))
+        # Outputs keep the batch-row sharding, so each process can read its rows from its own shards.
+        rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        self._jitted = jax.jit(self._generate_chunk, out_shardings=(rows, rows, rows),
+                               static_argnames=("n_new_bucket", "greedy", "use_top_k", "use_top_p"))
 
     # ---- public ---------------------------------------------------------------------
 
     def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, rng: jax.Array,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_tokens: Sequence[int] = ()) -> SampleOutput:
-        if not prompts:
-            return SampleOutput([], np.zeros((0,), np.int32), [])
+        """Sample a continuation of every prompt.
+
+        Multi-process (`self.share` count > 1): a collective call. Each process passes only
+        its own prompts (any number, also none) and gets back only their outputs; every
+        process must make the same calls in the same order, or the others wait forever.
+        """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
+        count = self.share[1]
         n_new = bucket(max_new_tokens, self.new_token_buckets, "max_new_tokens")
-        chunks = [list(range(i, min(i + self.max_batch, len(prompts)))) for i in range(0, len(prompts), self.max_batch)]
+        rows = self.max_batch // count  # this process's rows per chunk
+        longest = max((len(p) for p in prompts), default=1)
+        if count > 1:  # shapes must agree on every process: one small allgather
+            most, longest, n_new = parallel.agree_max([len(prompts), longest, n_new])
+        else:
+            most = len(prompts)
+        if most == 0:  # no process has a prompt: nothing to run (all agree on that)
+            return SampleOutput([], np.zeros((0,), np.int32), [])
         tokens, lengths, logprobs = [None] * len(prompts), np.zeros(len(prompts), np.int32), [None] * len(prompts)
         stop = np.full((max(8, len(stop_tokens)),), -1, np.int32)  # fixed size: no recompile per stop set
         stop[: len(stop_tokens)] = list(stop_tokens)
-        progress = _progress(len(prompts), self.show_progress and len(chunks) > 1)
+        n_chunks = -(-most // rows)
+        progress = _progress(most * count, self.show_progress and n_chunks > 1)
         t0 = time.perf_counter()
-        for c, idx in enumerate(chunks):
-            out_tok, out_lp, out_len = self._run_chunk(params, [prompts[i] for i in idx], n_new, max_new_tokens,
-                                                        jax.random.fold_in(rng, c), temperature, top_k, top_p, stop)
+        for c in range(n_chunks):
+            idx = range(c * rows, min((c + 1) * rows, len(prompts)))  # may be empty on some processes
+            out_tok, out_lp, out_len = self._run_chunk(
+                params, [prompts[i] for i in idx], min(rows, most - c * rows), longest if count > 1 else None,
+                n_new, max_new_tokens, jax.random.fold_in(rng, c), temperature, top_k, top_p, stop)
             for row, i in enumerate(idx):
                 n = int(out_len[row])
                 tokens[i], logprobs[i], lengths[i] = out_tok[row, :n].tolist(), out_lp[row, :n], n
-            progress.update(len(idx))
+            progress.update(min(rows, most - c * rows) * count)
         progress.close()
         dt = time.perf_counter() - t0
         log.debug("generated %d tokens for %d prompts in %.2fs", lengths.sum(), len(prompts), dt)
@@ -149,27 +169,32 @@ class Sampler:
 
     # ---- internals --------------------------------------------------------------------
 
-    def _run_chunk(self, params, prompts, n_new, max_new_tokens, rng, temperature, top_k, top_p, stop):
+    def _run_chunk(self, params, prompts, n_rows, longest, n_new, max_new_tokens, rng, temperature, top_k, top_p,
+                   stop):
+        """One jitted call on `prompts` (this process's rows; `n_rows` is the most rows any
+        process has in this chunk, `longest` the agreed longest prompt or None = these prompts')."""
         n = len(prompts)
-        B = self.batch_shards
-        while B < n:  # batch bucket: powers of two times the batch-shard count
+        count = self.share[1]
+        B = self.batch_shards // count  # this process's rows in the batch bucket
+        while B < n_rows:  # batch bucket: powers of two times the batch-shard count
             B *= 2
-        B = min(B, self.max_batch)
-        P = bucket(max(len(p) for p in prompts), self.prompt_buckets, "prompt length")
+        B = min(B, self.max_batch // count)
+        P = bucket(longest or max(len(p) for p in prompts), self.prompt_buckets, "prompt length")
         toks = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), np.int32)
         for r, p in enumerate(prompts):  # left-pad: all rows share the write slot
             toks[r, P - len(p):] = p
             mask[r, P - len(p):] = 1
         mask[n:, -1] = 1  # dummy rows see one (pad) token so their softmax is well defined
-        sh = parallel.named_sharding(self.mesh, ("batch", "seq"), (B, P))
+        sh = parallel.named_sharding(self.mesh, ("batch", "seq"), (B * count, P))
         greedy = float(temperature) == 0.0
-        # Host values every process holds -> global arrays (multi-process safe); scalars stay numpy.
-        out = self._jitted(params, parallel.global_array(toks, sh), parallel.global_array(mask, sh), rng,
+        # Each process supplies its own rows (with one share: host values every process holds).
+        out = self._jitted(params, parallel.from_process_rows(toks, sh, self.share),
+                           parallel.from_process_rows(mask, sh, self.share), rng,
                            np.float32(temperature), np.int32(top_k), np.float32(top_p), stop,
                            np.int32(max_new_tokens), n_new_bucket=n_new, greedy=greedy,
                            use_top_k=(not greedy) and top_k > 0, use_top_p=(not greedy) and top_p < 1.0)
-        out_tok, out_lp, out_len = (parallel.to_host(x) for x in out)
+        out_tok, out_lp, out_len = (parallel.process_rows(x, self.share) for x in out)
         return out_tok[:n], out_lp[:n], out_len[:n]
 
     def _generate_chunk(self, params, prompt, prompt_mask, rng, temperature, top_k, top_p, stop, max_new,

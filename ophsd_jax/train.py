@@ -10,6 +10,8 @@ Each step (DESIGN.md §1):
                 and moves the student towards the teacher, token by token
   4. bookkeep - memory bank, metrics, periodic evaluation and checkpoints
 Re-running the same command resumes from the newest checkpoint in the work dir.
+With several processes each one does all of this for its own share of the batch's
+examples; the sampler and the train step are collective (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import numpy as np
 
 from ophsd_jax import runtime
 from ophsd_jax.distill.batch import build_pair_batch
-from ophsd_jax.distill.losses import reward_weights
 from ophsd_jax.parallel import to_host
 from ophsd_jax.run import Run
 from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
@@ -40,7 +41,7 @@ def train(config, workdir: str) -> dict:
         run.evaluate(0)
     bar = run.progress()
     for step in range(run.step, c.train.steps):
-        examples = run.next_examples()
+        examples = run.next_examples()  # this process's share of the batch
         key = jax.random.fold_in(run.rng, step)
         student_msgs = [task.student_messages(e) for e in examples]
         with run.timer("rollout"):  # 1. on-policy answers to the bare prompts
@@ -58,15 +59,11 @@ def train(config, workdir: str) -> dict:
                                      max_response_tokens=c.distill.max_response_tokens or None)
             harness_rewards = [task.reward(r.final_response, e) if r.final_response else np.nan
                                for r, e in zip(results, examples)]
-            weights = batch.row_mask
-            if c.distill.reward_weight_beta > 0:
-                weights = np.asarray(reward_weights(np.nan_to_num(harness_rewards), c.distill.reward_weight_beta,
-                                                    valid=batch.row_mask))
-            metrics = batch.meta.metrics()
-            if batch.meta.num_valid:
+            batch, weights, metrics = run.global_batch(batch, harness_rewards)  # all processes' rows
+            if metrics["batch/valid"]:
                 run.state, step_metrics = run.train_step(run.state, run.teacher_params, batch, weights)
                 metrics.update(jax.tree.map(to_host, step_metrics))
-        run.harness.observe(examples)  # 4. bookkeeping
+        run.observe(examples)  # 4. bookkeeping (memory bank)
         metrics.update(run.step_metrics(step, examples, rollout, results, harness_rewards))
         run.end_step(step + 1, metrics, bar)
         if run.preempted:

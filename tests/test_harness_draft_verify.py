@@ -239,3 +239,16 @@ def test_minilm_embedder_option_needs_no_fitting(law):
     assert harness.bank.embeddings.shape == (11, 384)
     results = harness.run([law[12]], ScriptedModel(lambda m: "[罪名]诈骗<eoa>"))
     assert results[0].mode == "full"
+
+
+def test_every_phase_calls_the_model_even_with_nothing_to_ask(law):
+    """Multi-process rule: generate_chat is collective, so a phase is called even with no
+    prompts (no parseable draft here; no examples at all on a process with no share)."""
+    harness = make_harness("draft_verify", make_task("lawbench"), CONFIG, train_examples=law)
+    harness.observe(law[:11])
+    model = ScriptedModel(lambda m: "?")
+    results = harness.run(law[11:13], model)
+    assert [r.mode for r in results] == ["draft_only", "draft_only"]
+    assert [len(c["batch"]) for c in model.calls] == [2, 0]
+    model = ScriptedModel(lambda m: "?")
+    assert harness.run([], model) == [] and [len(c["batch"]) for c in model.calls] == [0, 0]

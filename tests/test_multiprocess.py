@@ -1,6 +1,10 @@
 """A real two-process run (two local processes, localhost coordinator, gloo CPU
 collectives) of configs/tiny.py: same loss trajectory as one process with the same
-mesh, and its checkpoint restores in a one-process run."""
+mesh, each process sampled only its share of every call (also a call with no prompt on
+one process: no deadlock), the memory bank is the same on every process and equals the
+one-process bank, and the checkpoint restores in a one-process run.
+
+Both runs go through tests/mp_driver.py (the trainer with an instrumented harness)."""
 
 import json
 import os
@@ -13,6 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
+DRIVER = os.path.join(ROOT, "tests", "mp_driver.py")
 ARGS = ("--config.train.steps=3", "--config.train.eval_every=3", "--config.train.eval_before=false",
         "--config.train.save_every=3", "--config.train.batch_size=4")
 
@@ -43,19 +48,28 @@ def exported(workdir, out, devices):
     return load_file(os.path.join(out, "model.safetensors"))
 
 
+def process_dump(workdir, i):
+    with open(os.path.join(workdir, f"process_{i}.json")) as f:
+        return json.load(f)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "ophsd_jax.train", "--config", TINY, "--workdir", str(one), *ARGS],
+    subprocess.run([sys.executable, DRIVER, "--config", TINY, "--workdir", str(one), *ARGS],
                    cwd=ROOT, env=env(2), check=True, capture_output=True, timeout=900)
 
     two = tmp_path / "two"
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "ophsd_jax.train", "--config", TINY, "--workdir", str(two),
+    procs = [subprocess.Popen([sys.executable, DRIVER, "--config", TINY, "--workdir", str(two),
                                *ARGS, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
                                f"--process_id={i}"], cwd=ROOT, env=env(1), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
+    try:  # a deadlock (a collective call one process skips) becomes a timeout failure
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
 
@@ -64,6 +78,30 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     assert steps1 == steps2 == [1, 2, 3]
     assert np.all(l1 > 0)
     np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-7)
+
+    # Each process sampled and ran the harness on its own half of every call's prompts,
+    # in the same collective calls; the probe call has a prompt on process 0 only.
+    ref, dumps = process_dump(one, 0), [process_dump(two, i) for i in range(2)]
+    assert [d["share"] for d in dumps] == [[0, 2], [1, 2]] and ref["share"] == [0, 1]
+    calls = [d["prompts_per_call"] for d in dumps]
+    assert len(calls[0]) == len(calls[1]) == len(ref["prompts_per_call"])
+    assert [a + b for a, b in zip(*calls)] == ref["prompts_per_call"]
+    assert all(a == b for a, b, r in zip(*calls, ref["prompts_per_call"]) if r != 1)  # even split
+    assert any(a == 1 and b == 0 for a, b in zip(*calls))
+    assert dumps[0]["harness_examples"] == dumps[1]["harness_examples"] == ref["harness_examples"] // 2
+
+    # Uneven shares, several chunks, none on one process: the same greedy outputs.
+    for ref_call, a, b in zip(ref["sampler_check"], *[d["sampler_check"] for d in dumps]):
+        assert a["tokens"] + b["tokens"] == ref_call["tokens"]
+        for x, y in zip(a["logprobs"] + b["logprobs"], ref_call["logprobs"]):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+
+    # Every process ends with the one-process memory bank: same entries, same order.
+    assert len(ref["bank"]["ids"]) == 3 * 4
+    for d in dumps:
+        for key in ("texts", "labels", "ids"):
+            assert d["bank"][key] == ref["bank"][key]
+        np.testing.assert_array_equal(np.float32(d["bank"]["embeddings"]), np.float32(ref["bank"]["embeddings"]))
 
     # The two-process checkpoint restores in a single process on a single device.
     p_two = exported(two, tmp_path / "two_hf", devices=1)

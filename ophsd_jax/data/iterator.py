@@ -27,6 +27,7 @@ class ExampleIterator:
         shuffle: bool = True,
         drop_remainder: bool = True,
         num_epochs: int | None = None,
+        share: tuple[int, int] = (0, 1),
     ):
         self.size = len(source)
         if self.size == 0:
@@ -44,6 +45,9 @@ class ExampleIterator:
         self.shuffle = bool(shuffle)
         self.drop_remainder = bool(drop_remainder)
         self.num_epochs = num_epochs
+        # (index, count): yield only block `index` of `count` of each batch (one process's
+        # share); the position still advances by whole batches, so it is the same everywhere.
+        self.share = share
         self.epoch = 0
         self.position = 0
         self._order_epoch = None
@@ -73,6 +77,8 @@ class ExampleIterator:
             take = min(self.batch_size, remaining)
             indices = self._epoch_order()[self.position : self.position + take]
             self.position += take
+            i, count = self.share
+            indices = indices[i * take // count : (i + 1) * take // count]
             return [self.source[int(i)] for i in indices]
 
     def state(self) -> dict:

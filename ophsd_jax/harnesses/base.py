@@ -10,6 +10,11 @@ A harness is an object with
 max_new_tokens) -> list[str]` is the sampler's batched chat call. Harnesses
 never touch the model otherwise, which is why a scripted fake model can test
 them. Every phase is one `generate_chat` call for the whole batch.
+
+Multi-process rule: each process runs the harness on its own share of the
+batch, and every `generate_chat` call is collective. So the number and order
+of calls must not depend on the examples: always make a phase's call, even
+with an empty list (`call_model` does).
 """
 
 from __future__ import annotations
@@ -71,9 +76,11 @@ def call_model(
     sampling: SamplingConfig,
     max_new_tokens: int,
 ) -> list[str]:
-    """One batched call for a phase; checks the reply has one string per conversation."""
-    if not message_lists:
-        return []
+    """One batched call for a phase; checks the reply has one string per conversation.
+
+    Called even with no conversations: in a multi-process run `generate_chat` is a
+    collective call that every process must make, also one whose share is empty.
+    """
     responses = generate_chat(
         message_lists,
         temperature=sampling.temperature,

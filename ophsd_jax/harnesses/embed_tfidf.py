@@ -109,7 +109,10 @@ class TfidfSvdEmbedder:
         """[len(texts), output_dim] float32, unit rows (all-zero for unknown text)."""
         if not self.fitted:
             raise RuntimeError("TfidfSvdEmbedder is not fitted: call fit(texts) first")
-        tfidf = self._vectorizer.transform(list(texts)).astype(np.float32)
+        texts = list(texts)
+        if not texts:  # a process with no examples in a multi-process run (sklearn refuses 0 rows)
+            return np.zeros((0, self.output_dim), np.float32)
+        tfidf = self._vectorizer.transform(texts).astype(np.float32)
         return l2_normalize(np.asarray(tfidf @ self._components.T))
 
     def state_dict(self) -> dict:

@@ -86,6 +86,27 @@ class MemoryBank:
         self.ids += ids
         self._embeddings = embeddings if self._embeddings is None else np.concatenate([self._embeddings, embeddings])
 
+    def take_since(self, start: int) -> tuple[list[str], list[tuple[str, ...]], list[str], np.ndarray]:
+        """Remove and return the entries from index `start` on: (texts, labels, ids, unit
+        embeddings). With `put_back` this re-orders additions (multi-process bank sync)."""
+        dim = 0 if self._embeddings is None else self._embeddings.shape[1]
+        taken = (self.texts[start:], self.labels[start:], self.ids[start:],
+                 np.zeros((0, dim), np.float32) if self._embeddings is None else self._embeddings[start:])
+        self.texts, self.labels, self.ids = self.texts[:start], self.labels[:start], self.ids[:start]
+        self._embeddings = None if start == 0 or self._embeddings is None else self._embeddings[:start]
+        self._label_index = {}
+        for i, entry_labels in enumerate(self.labels):
+            for label in set(entry_labels):
+                self._label_index.setdefault(label, []).append(i)
+        return taken
+
+    def put_back(self, texts, labels, ids, embeddings) -> None:
+        """Append entries taken (or gathered) from a bank, unchanged: their embeddings are
+        already unit rows, so the result is bit-identical to adding them here."""
+        if len(texts):
+            self._append(list(texts), [tuple(str(x) for x in ls) for ls in labels], [str(i) for i in ids],
+                         np.asarray(embeddings, np.float32))
+
     def _sharing(self, query_labels) -> np.ndarray:
         """Boolean mask of entries sharing at least one of `query_labels`."""
         mask = np.zeros(len(self), dtype=bool)

@@ -286,14 +286,29 @@ _MASKED = -1e30
 
 def attention(q, k, v, mask):
     """Grouped-query attention. q: [B,T,H,Dh]; k, v: [B,S,K,Dh]; mask: [B,T,S] bool."""
+    kt, vt = (jnp.swapaxes(x, 1, 2) for x in (k, v))  # [B,K,S,Dh]: small copies
+    return _grouped_attention(q, kt, vt, mask)
+
+
+def _grouped_attention(q, k, v, mask):
+    """q: [B,T,H,Dh]; k, v: [B,K,S,Dh]; mask: [B,T,S] bool -> [B,T,H,Dh].
+
+    The query rows of one kv head are laid out as one [G*T, Dh] block (query head h uses
+    kv head h // G, as in HF), so both products, and their gradients, are plain batched
+    matmuls over (batch, kv head) and the [B,K,G,T,S] scores come out of the matmul in
+    the layout the mask and softmax read. Mixing (t, g) with (s, k) in one einsum instead
+    makes XLA:CPU transpose the scores, which costs more than the matmuls.
+    """
     B, T, H, Dh = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, Dh)  # query head h uses kv head h // (H // K), as in HF
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    qg = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores.reshape(B, K, G, T, S) / math.sqrt(Dh)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, Dh)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(q.dtype))  # [B, K, G*T, Dh]
+    return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
 
 def _cache_attention(q, k, v, mask, ck, cv, cache_index):
@@ -302,16 +317,4 @@ def _cache_attention(q, k, v, mask, ck, cv, cache_index):
     only the new tokens are attended (mask: [B,T,T]); else all slots (mask: [B,T,S])."""
     if _is_static_zero(cache_index):
         return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    B, T, H, Dh = q.shape
-    K = ck.shape[1]
-    G = H // K
-    # Query rows of one kv head as one [G*T, Dh] block: both products are then plain
-    # batched matmuls over (batch, kv head) that XLA:CPU hands to its fast matmul
-    # library (with separate g and t dims it picked a slow generic dot).
-    qg = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32)
-    mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, mask.shape[-1])).reshape(B, 1, G * T, -1)
-    scores = jnp.where(mask, scores / math.sqrt(Dh), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, cv.astype(q.dtype))  # [B, K, G*T, Dh]
-    return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+    return _grouped_attention(q, ck, cv, mask)
