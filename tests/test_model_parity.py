@@ -88,4 +88,5 @@ def test_bf16_and_remat(tmp_path):
     l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(grem, p)))(prem)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        # atol relative to the leaf's scale: fusions differ, so tiny entries differ in the last bits
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
