@@ -61,3 +61,29 @@ def test_grouped_attention_value_and_grads_match_naive():
     f = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask) * cot)  # noqa: E731
     for a, b in zip(jax.grad(f(attention), (0, 1, 2))(q, k, v), jax.grad(f(_naive_attention), (0, 1, 2))(q, k, v)):
         assert _rel_err(a, b) < 1e-5
+
+
+def test_causal_blocks_match_naive(monkeypatch):
+    """Query blocks that see only keys up to their end: same outputs and gradients on
+    every query row that has a key to attend to (T not a multiple of the block)."""
+    from ophsd_jax.models import transformer
+
+    monkeypatch.setattr(transformer, "CAUSAL_BLOCK", 4)
+    ks = jax.random.split(jax.random.key(2), 4)
+    B, T, H, K, Dh = 2, 11, 4, 2, 8
+    q = jax.random.normal(ks[0], (B, T, H, Dh))
+    k = jax.random.normal(ks[1], (B, T, K, Dh))
+    v = jax.random.normal(ks[2], (B, T, K, Dh))
+    valid = jnp.array([[1] * (T - 3) + [0] * 3, [0] * 5 + [1] * (T - 5)], bool)  # right- and left-padded
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+    live = mask.any(-1)[:, :, None, None]  # query rows with at least one key
+    ours = attention(q, k, v, mask, causal=True)
+    np.testing.assert_allclose(ours * live, _naive_attention(q, k, v, mask) * live, atol=1e-5)
+    cot = jax.random.normal(ks[3], (B, T, H, Dh)) * live
+    f = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask) * cot)  # noqa: E731
+    blocked = jax.grad(f(lambda *a: attention(*a, causal=True)), (0, 1, 2))(q, k, v)
+    for a, b in zip(blocked, jax.grad(f(_naive_attention), (0, 1, 2))(q, k, v)):
+        assert _rel_err(a, b) < 1e-5
+    # the blocks are really used: the first block's rows do not depend on later keys
+    moved = attention(q, k.at[:, 4:].add(1.0), v, jnp.ones((B, T, T), bool), causal=True)
+    np.testing.assert_array_equal(moved[:, :4], attention(q, k, v, jnp.ones((B, T, T), bool), causal=True)[:, :4])

@@ -120,7 +120,7 @@ class Decoder(nnx.Module):
 
             def attend(q, k, v):
                 if kv is None:
-                    return attention(q, k, v, mask), None
+                    return attention(q, k, v, mask, causal=True), None
                 # Write first, then read the layer back: reading the old buffer while the
                 # write updates it in place would make XLA copy the whole cache.
                 ck, cv = (_write_slots(c, new[None], cache_index, layer) for c, new in zip(kv, (k, v)))
@@ -317,10 +317,26 @@ swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
 _MASKED = -1e30
 
 
-def attention(q, k, v, mask):
-    """Grouped-query attention. q: [B,T,H,Dh]; k, v: [B,S,K,Dh]; mask: [B,T,S] bool."""
+CAUSAL_BLOCK = 128  # query rows per block in causal self-attention
+
+
+def attention(q, k, v, mask, *, causal: bool = False):
+    """Grouped-query attention. q: [B,T,H,Dh]; k, v: [B,S,K,Dh]; mask: [B,T,S] bool.
+
+    causal=True promises that query i never attends to a key after slot i (self-attention
+    with a causal mask, T == S). Then query rows go in blocks that only see the keys up to
+    their block's end, which skips most of the masked half of the scores (~40% of the
+    attention work at T=1,024). Fully masked (padding) query rows then average fewer
+    values than without blocks; their outputs are never read.
+    """
     kt, vt = (jnp.swapaxes(x, 1, 2) for x in (k, v))  # [B,K,S,Dh]: small copies
-    return _grouped_attention(q, kt, vt, mask)
+    T = q.shape[1]
+    if not causal or T <= CAUSAL_BLOCK:
+        return _grouped_attention(q, kt, vt, mask)
+    assert k.shape[1] == T, "causal blocks need self-attention (T == S)"
+    outs = [_grouped_attention(q[:, i:i + CAUSAL_BLOCK], kt[:, :, :i + CAUSAL_BLOCK], vt[:, :, :i + CAUSAL_BLOCK],
+                               mask[:, i:i + CAUSAL_BLOCK, :i + CAUSAL_BLOCK]) for i in range(0, T, CAUSAL_BLOCK)]
+    return jnp.concatenate(outs, axis=1)
 
 
 def _grouped_attention(q, k, v, mask):
