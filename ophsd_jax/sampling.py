@@ -250,7 +250,7 @@ class Sampler:
             cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype)
             return model, model.logits, KVCache(*(parallel.constrain(x, axes) for x in cache))
         # Per-layer weight copies are made here, once per call, outside the decode loop.
-        layers = model.layer_weights()
+        layers = model.layer_weights(split_outputs=2)  # two threads per output projection
         cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype, per_layer=True)
         cache = KVCache(*([parallel.constrain(x, axes[1:]) for x in xs] for xs in cache))
         forward = lambda *a: model.forward_layers(layers, *a)  # noqa: E731

@@ -136,10 +136,20 @@ class Decoder(nnx.Module):
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return x, None if cache is None else KVCache(*kv_out)
 
-    def layer_weights(self) -> list[dict[str, jax.Array]]:
-        """Each layer's weights as separate arrays (copies of the stacked slices)."""
+    def layer_weights(self, split_outputs: int = 1) -> list[dict]:
+        """Each layer's weights as separate arrays (copies of the stacked slices).
+
+        split_outputs > 1 stores `wo` and `w_down` as a tuple of that many column blocks
+        (output features). For decoding on XLA:CPU: each of these two projections is a
+        lone matrix-vector product that one thread runs; as column blocks they are
+        independent products that both threads run at once.
+        """
         names = layer_param_specs(self.config)
-        return [{name: getattr(self.layers, name)[...][i] for name in names} for i in range(self.config.num_layers)]
+        layers = [{name: getattr(self.layers, name)[...][i] for name in names} for i in range(self.config.num_layers)]
+        if split_outputs > 1:
+            for p in layers:
+                p["wo"], p["w_down"] = (tuple(jnp.array_split(p[n], split_outputs, axis=-1)) for n in ("wo", "w_down"))
+        return layers
 
     def forward_layers(self, layers: list[dict], tokens, positions, attn_mask, cache: KVCache, cache_index):
         """`__call__` with a per-layer cache, unrolled over `layer_weights()`.
@@ -258,7 +268,8 @@ def _layer(cfg: ModelConfig, x, p, cos, sin, attend):
     """One decoder layer. `attend(q, k, v) -> (out, state)` does attention (and any
     cache update); q: [B,T,H,Dh], k, v: [B,T,K,Dh]."""
     dt = x.dtype
-    w = lambda name: p[name].astype(dt)  # noqa: E731 - params live in param_dtype, math in compute dtype
+    # params live in param_dtype, math in compute dtype (tuples: column blocks, see layer_weights)
+    w = lambda name: jax.tree.map(lambda a: a.astype(dt), p[name])  # noqa: E731
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, w("wq"))
     k = jnp.einsum("btd,dhk->bthk", h, w("wk"))
@@ -270,12 +281,23 @@ def _layer(cfg: ModelConfig, x, p, cos, sin, attend):
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn, state = attend(q, k, v)
-    x = x + jnp.einsum("bthk,hkd->btd", attn, w("wo"))
+    x = x + _dense("bthk,hkd->btd", attn, w("wo"))
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    x = x + swiglu_mlp(h, w("w_gate"), w("w_up"), w("w_down"))
+    if isinstance(p["w_down"], tuple):  # decoding (no gradient): output column blocks
+        act = jax.nn.silu(jnp.einsum("btd,df->btf", h, w("w_gate"))) * jnp.einsum("btd,df->btf", h, w("w_up"))
+        x = x + _dense("btf,fd->btd", act, w("w_down"))
+    else:
+        x = x + swiglu_mlp(h, w("w_gate"), w("w_up"), w("w_down"))
     x = constrain(x, ("batch", "seq", "act_embed"))
     return x, state
+
+
+def _dense(spec: str, x, w):
+    """einsum(spec, x, w); w may be a tuple of blocks of its last (output) axis."""
+    if isinstance(w, tuple):
+        return jnp.concatenate([jnp.einsum(spec, x, part) for part in w], axis=-1)
+    return jnp.einsum(spec, x, w)
 
 
 @jax.custom_vjp
