@@ -245,14 +245,13 @@ class Sampler:
 
     def _layer_loop(self, model, batch: int, slots: int):
         """(forward(tokens, positions, mask, cache, index) -> (hidden, cache), logits(hidden), empty cache)."""
-        axes = KVCache.AXES
         if self.layer_loop == "scan":
             cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype)
-            return model, model.logits, KVCache(*(parallel.constrain(x, axes) for x in cache))
+            return model, model.logits, KVCache(*(parallel.constrain(x, a) for x, a in zip(cache, KVCache.AXES)))
         # Per-layer weight copies are made here, once per call, outside the decode loop.
         layers = model.layer_weights(split_outputs=2)  # two threads per output projection
         cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype, per_layer=True)
-        cache = KVCache(*([parallel.constrain(x, axes[1:]) for x in xs] for xs in cache))
+        cache = KVCache(*([parallel.constrain(x, a[1:]) for x in xs] for xs, a in zip(cache, KVCache.AXES)))
         forward = lambda *a: model.forward_layers(layers, *a)  # noqa: E731
         return forward, model.decode_logits, cache
 

@@ -59,10 +59,12 @@ def _init_value(name: str, shape, dtype, key):
 class KVCache(NamedTuple):
     """Keys and values of the cached slots.
 
-    Slots sit next to head_dim, so one kv head's keys are a contiguous [slots, head_dim]
-    block that decode attention reads in place (no per-step transposes). Stacked:
-    `[layers, batch, kv_heads, slots, head_dim]` arrays (the scanned forward). Per
-    layer: lists of `[batch, kv_heads, slots, head_dim]` arrays (`forward_layers`), so
+    One kv head's values are a contiguous [slots, head_dim] block and its keys a
+    contiguous [head_dim, slots] block: both decode products (q @ K^T, probs @ V) then
+    read the cache in place as plain matmul operands, with no per-step transposes (a
+    [slots, head_dim] key block made XLA:CPU repack it every step, ~1/3 of the decode
+    attention time). Stacked: `[layers, batch, kv_heads, ...]` arrays (the scanned
+    forward). Per layer: lists of `[batch, kv_heads, ...]` arrays (`forward_layers`), so
     each layer's buffer is updated in place and read without copying it out of a stack.
     """
 
@@ -72,12 +74,14 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None, per_layer: bool = False) -> "KVCache":
         dtype = as_dtype(dtype or cfg.dtype)
-        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        shapes = ((batch, cfg.num_kv_heads, cfg.head_dim, slots), (batch, cfg.num_kv_heads, slots, cfg.head_dim))
         if per_layer:
-            return cls(*([jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for _ in range(2)))
-        return cls(*(jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2)))
+            return cls(*([jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for shape in shapes))
+        return cls(*(jnp.zeros((cfg.num_layers, *shape), dtype) for shape in shapes))
 
-    AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # stacked; per-layer arrays: AXES[1:]
+    # Logical axes of the stacked k and v arrays; per-layer arrays drop the first.
+    AXES = (("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
+            ("layers", "batch", "kv_heads", "cache_seq", "head_dim"))
 
 
 class Layers(nnx.Module):
@@ -123,7 +127,8 @@ class Decoder(nnx.Module):
                     return attention(q, k, v, mask, causal=True), None
                 # Write first, then read the layer back: reading the old buffer while the
                 # write updates it in place would make XLA copy the whole cache.
-                ck, cv = (_write_slots(c, new[None], cache_index, layer) for c, new in zip(kv, (k, v)))
+                ck = _write_slots(kv[0], k[None], cache_index, layer, keys=True)
+                cv = _write_slots(kv[1], v[None], cache_index, layer)
                 return _cache_attention(q, k, v, mask, ck[layer], cv[layer], cache_index), (ck, cv)
 
             x, kv = _layer(cfg, x, p, cos, sin, attend)
@@ -163,7 +168,7 @@ class Decoder(nnx.Module):
         for p, ck, cv in zip(layers, cache.k, cache.v):
 
             def attend(q, k, v, ck=ck, cv=cv):
-                ck, cv = _write_slots(ck, k, cache_index), _write_slots(cv, v, cache_index)
+                ck, cv = _write_slots(ck, k, cache_index, keys=True), _write_slots(cv, v, cache_index)
                 return _cache_attention(q, k, v, mask, ck, cv, cache_index), (ck, cv)
 
             x, (ck, cv) = _layer(cfg, x, p, cos, sin, attend)
@@ -217,12 +222,15 @@ def _is_static_zero(index) -> bool:
     return isinstance(index, int) and index == 0
 
 
-def _write_slots(buf, new, cache_index, layer=None):
-    """Write new keys/values [.., B, T, K, Dh] at slot `cache_index` of a cache buffer
-    [.., B, K, S, Dh] (stacked buffers: at `layer`)."""
+def _write_slots(buf, new, cache_index, layer=None, keys: bool = False):
+    """Write new values [.., B, T, K, Dh] at slot `cache_index` of a cache buffer
+    [.., B, K, S, Dh], or new keys into a key buffer [.., B, K, Dh, S] (keys=True);
+    stacked buffers: at `layer`."""
     new = jnp.swapaxes(new, -3, -2).astype(buf.dtype)  # [.., B, K, T, Dh]
-    at = (0, 0, cache_index, 0) if layer is None else (layer, 0, 0, cache_index, 0)
-    return jax.lax.dynamic_update_slice(buf, new, at)
+    if keys:
+        new = jnp.swapaxes(new, -2, -1)  # [.., B, K, Dh, T]
+    at = (0, 0, 0, cache_index) if keys else (0, 0, cache_index, 0)
+    return jax.lax.dynamic_update_slice(buf, new, at if layer is None else (layer, *at))
 
 
 def rms_norm(x, weight, eps):
@@ -361,8 +369,9 @@ def attention(q, k, v, mask, *, causal: bool = False):
     return jnp.concatenate(outs, axis=1)
 
 
-def _grouped_attention(q, k, v, mask):
-    """q: [B,T,H,Dh]; k, v: [B,K,S,Dh]; mask: [B,T,S] bool -> [B,T,H,Dh].
+def _grouped_attention(q, k, v, mask, keys_transposed: bool = False):
+    """q: [B,T,H,Dh]; k, v: [B,K,S,Dh] (k: [B,K,Dh,S] if keys_transposed);
+    mask: [B,T,S] bool -> [B,T,H,Dh].
 
     The query rows of one kv head are laid out as one [G*T, Dh] block (query head h uses
     kv head h // G, as in HF), so both products, and their gradients, are plain batched
@@ -371,10 +380,11 @@ def _grouped_attention(q, k, v, mask):
     makes XLA:CPU transpose the scores, which costs more than the matmuls.
     """
     B, T, H, Dh = q.shape
-    K, S = k.shape[1], k.shape[2]
+    K, S = v.shape[1], v.shape[2]
     G = H // K
     qg = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    spec = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
+    scores = jnp.einsum(spec, qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores.reshape(B, K, G, T, S) / math.sqrt(Dh)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B, K, G * T, S)
@@ -384,8 +394,8 @@ def _grouped_attention(q, k, v, mask):
 
 def _cache_attention(q, k, v, mask, ck, cv, cache_index):
     """Attention for new tokens q, k, v ([B,T,*,Dh]) whose keys/values are already written
-    into the cache ck, cv [B,K,S,Dh]. With nothing cached before them (static index 0)
+    into the cache ck [B,K,Dh,S], cv [B,K,S,Dh]. With nothing cached before them (static index 0)
     only the new tokens are attended (mask: [B,T,T]); else all slots (mask: [B,T,S])."""
     if _is_static_zero(cache_index):
         return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return _grouped_attention(q, ck, cv, mask)
+    return _grouped_attention(q, ck, cv, mask, keys_transposed=True)
