@@ -331,7 +331,8 @@ def _swiglu_bwd(res, d_out):
     sig = jax.nn.sigmoid(gate)
     act = gate * sig  # silu(gate)
     d_act = jnp.einsum("btd,fd->btf", d_out, w_down)
-    d_w_down = jnp.einsum("btf,btd->fd", act * up, d_out)
+    # as (d_out^T @ act)^T: XLA:CPU then transposes d_out (D wide), not act * up (F wide)
+    d_w_down = jnp.einsum("btd,btf->df", d_out, act * up).T
     d_gate = d_act * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s(g) (1 + g (1 - s(g)))
     d_up = d_act * act
     d_w_gate = jnp.einsum("btd,btf->df", h, d_gate)
