@@ -59,9 +59,12 @@ def assert_no_near_ties(scores, rows, min_gap=1e-2):
 LAYER_LOOPS = ["scan", "unrolled"]
 
 
-@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
-def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop):
+@pytest.mark.parametrize("layer_loop,causal_block", [("scan", None), ("unrolled", None), ("unrolled", 4)])
+def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop, causal_block, monkeypatch):
     hf, cfg, graphdef, params = model
+    if causal_block:  # prefill in causal query blocks (long prompts): blocks smaller than these prompts
+        from ophsd_jax.models import transformer
+        monkeypatch.setattr(transformer, "CAUSAL_BLOCK", causal_block)
     sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
                       layer_loop=layer_loop)
     ref, scores = hf_greedy(hf, PROMPTS, 12, stop=None)

@@ -398,5 +398,5 @@ def _cache_attention(q, k, v, mask, ck, cv, cache_index):
     into the cache ck [B,K,Dh,S], cv [B,K,S,Dh]. With nothing cached before them (static index 0)
     only the new tokens are attended (mask: [B,T,T]); else all slots (mask: [B,T,S])."""
     if _is_static_zero(cache_index):
-        return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, causal=True)  # prefill: self-attention
     return _grouped_attention(q, ck, cv, mask, keys_transposed=True)
