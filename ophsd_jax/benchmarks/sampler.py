@@ -8,9 +8,12 @@ best of `--repeats` after a warm-up; decode rate = (new - 1) steps / the differe
 Rows: fp32, and bf16 weights (bf16 storage, fp32 compute) on both sides.
 
 Decode is reported against this machine's memory read bandwidth, measured in the same
-run (best of several reductions, before and after the timings): bytes a decode step must
-read (all weights at their storage dtype, the tied embedding once as the LM head, plus
-the KV cache of the live context, averaged over the steps) x steps/s / bandwidth.
+run (best of several reductions, before and after each row; the highest reading is the
+bound): bytes a decode step must read (all weights at their storage dtype, the tied
+embedding once as the LM head, plus the KV cache of the live context, averaged over the
+steps) x steps/s / bandwidth. The fp32 row also times the decode step's layers and LM
+head alone (no attention, no sampling), which bounds what the fraction can reach with
+XLA:CPU's kernels (`bandwidth_fraction_ceiling`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from __future__ import annotations
 import argparse
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from flax import nnx
 
 from ophsd_jax import parallel
 from ophsd_jax.benchmarks.common import best_read_bandwidth, best_time, emit
-from ophsd_jax.models import bundled
+from ophsd_jax.models import bundled, transformer
 from ophsd_jax.models.config import as_dtype
 from ophsd_jax.sampling import Sampler
 
@@ -75,6 +81,26 @@ def bench_hf(param_dtype, prompts, new, repeats):
     return best_time(lambda: generate(1), repeats), best_time(lambda: generate(new), repeats), tokens
 
 
+def bench_matmuls_alone(cfg, graphdef, params, batch, repeats) -> float:
+    """Seconds for one decode step with attention and sampling taken out: the layers
+    (norms, RoPE, projections, MLP) and the LM head on one token per row, on the same
+    per-layer weight copies the sampler decodes with. This is what XLA:CPU's kernels
+    make of the weight reads alone: a ceiling for the whole decode step."""
+    layers = jax.jit(lambda params: nnx.merge(graphdef, params).layer_weights(split_outputs=2))(params)
+
+    @jax.jit
+    def step(params, layers, x):
+        model = nnx.merge(graphdef, params)
+        cos, sin = transformer.rope_tables(cfg, jnp.zeros((batch, 1), jnp.int32))
+        for p in layers:
+            x, _ = transformer._layer(cfg, x, p, cos, sin, lambda q, k, v: (q, None))
+        return model.decode_logits(transformer.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)[:, 0])
+
+    x = jnp.ones((batch, 1, cfg.hidden_size), as_dtype(cfg.dtype))
+    step(params, layers, x).block_until_ready()
+    return best_time(lambda: step(params, layers, x).block_until_ready(), max(repeats, 20))
+
+
 def _common_prefix(a, b) -> int:
     """How many leading tokens two greedy continuations share (fp32 sums in a different
     order can flip a near-tie, after which the continuations differ)."""
@@ -101,9 +127,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     B, P, N, R = args.batch, args.prompt, args.new, args.repeats
 
-    bw_start, how = best_read_bandwidth()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {B}, prompt {P}, new {N}, best of {R}")
-    print(f"memory read bandwidth at start: {bw_start / 1e9:.1f} GB/s ({how})")
+    readings = []
+
+    def read_bandwidth(when):
+        bw, how = best_read_bandwidth()
+        readings.append(bw)
+        print(f"memory read bandwidth {when}: {bw / 1e9:.1f} GB/s ({how})")
+
+    read_bandwidth("at start")
     mesh = parallel.single_device_mesh()
     rows = {}
     for name, (param_dtype, dtype) in ROWS.items():
@@ -111,19 +143,21 @@ def main(argv=None):
         prompts = make_prompts(tok, B, P)
         t_pre, t_all, ours_tokens, compiles = bench_ours(cfg, graphdef, params, prompts, N, R)
         row = dict(steps_s=(N - 1) / (t_all - t_pre), ours_prefill_tok_s=B * P / t_pre, compiles=compiles,
-                   bytes_per_step=decode_bytes(cfg, B, P, N, param_dtype, dtype))
+                   bytes_per_step=decode_bytes(cfg, B, P, N, param_dtype, dtype),
+                   weight_bytes=cfg.num_params() * as_dtype(param_dtype).itemsize)
         row["ours_decode_tok_s"] = B * row["steps_s"]
+        if name == "fp32":  # (bf16: the decode loop reads fp32 copies that XLA hoists out of it)
+            row["matmuls_alone_s"] = bench_matmuls_alone(cfg, graphdef, params, B, R)
         if not args.skip_hf:
             h_pre, h_all, hf_tokens = bench_hf(param_dtype, prompts, N, R)
             row.update(hf_decode_tok_s=B * (N - 1) / (h_all - h_pre), hf_prefill_tok_s=B * P / h_pre)
             row["decode_speedup"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
             row["common_prefix"] = [_common_prefix(a, b) for a, b in zip(ours_tokens, hf_tokens)]
         rows[name] = row
+        read_bandwidth(f"after {name}")
 
-    bw_end, how_end = best_read_bandwidth()
-    print(f"memory read bandwidth at end:   {bw_end / 1e9:.1f} GB/s ({how_end})")
-    bw = max(bw_start, bw_end)
-    print(f"bound used: {bw / 1e9:.1f} GB/s (the higher reading)")
+    bw = max(readings)
+    print(f"bound used: {bw / 1e9:.1f} GB/s (the highest reading)")
     for name, row in rows.items():
         row["bandwidth_fraction"] = row["bytes_per_step"] * row["steps_s"] / bw
         print(f"{name:5s} ours: decode {row['ours_decode_tok_s']:7.1f} tok/s ({row['steps_s']:.1f} steps/s, "
@@ -134,12 +168,21 @@ def main(argv=None):
                   f"tok/s; ours/HF decode {row['decode_speedup']:.2f}x; "
                   f"greedy tokens equal to HF's for the first {min(row['common_prefix'])} (min) / "
                   f"{np.mean(row['common_prefix']):.0f} (mean) of {N}")
+        if "matmuls_alone_s" in row:
+            # If attention and sampling cost nothing, the step would take matmuls_alone_s
+            # and read the same bytes: the most bandwidth_fraction XLA:CPU's kernels allow.
+            row["fraction_ceiling"] = row["bytes_per_step"] / row["matmuls_alone_s"] / bw
+            print(f"{name:5s} decode step {1e3 / row['steps_s']:.1f} ms; its layers + LM head alone (no attention, "
+                  f"no sampling) {row['matmuls_alone_s'] * 1e3:.1f} ms, reading the weights at "
+                  f"{row['weight_bytes'] / row['matmuls_alone_s'] / 1e9:.1f} GB/s: even with free attention the "
+                  f"decode would be at {row['fraction_ceiling']:.2f} of bandwidth")
 
     fp32, bf16 = rows["fp32"], rows["bf16"]
     emit({"bench": "sampler", "ours_decode_tok_s": fp32["ours_decode_tok_s"],
           "hf_decode_tok_s": fp32.get("hf_decode_tok_s"),
           "decode_speedup": fp32.get("decode_speedup"), "ours_prefill_tok_s": fp32["ours_prefill_tok_s"],
           "hf_prefill_tok_s": fp32.get("hf_prefill_tok_s"), "bandwidth_fraction": fp32["bandwidth_fraction"],
+          "bandwidth_fraction_ceiling": fp32["fraction_ceiling"],
           "bf16_ours_decode_tok_s": bf16["ours_decode_tok_s"], "bf16_hf_decode_tok_s": bf16.get("hf_decode_tok_s"),
           "bf16_decode_speedup": bf16.get("decode_speedup"), "bf16_ours_prefill_tok_s": bf16["ours_prefill_tok_s"],
           "bf16_hf_prefill_tok_s": bf16.get("hf_prefill_tok_s"), "bf16_bandwidth_fraction": bf16["bandwidth_fraction"],
