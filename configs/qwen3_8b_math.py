@@ -2,7 +2,9 @@
 
     python -m ophsd_jax.train --config configs/qwen3_8b_math.py \
         --config.model.path=/path/to/Qwen3-8B \
-        --config.data.train.path=/path/to/math_train.json --workdir gs://.../run
+        --config.data.train.path=/path/to/math_train.json --workdir /mnt/disks/runs/math
+
+(the work dir is a local or mounted file system path: metrics and evals are plain files)
 
 Paper (released code): lr 1e-6, no warmup, weight decay 0.1, grad clip 1.0, 64 prompts
 per step with one rollout each, 150 steps, eval every 10; prompts up to 4096 tokens,

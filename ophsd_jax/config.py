@@ -1,14 +1,22 @@
 """The run configuration: every key with its default and meaning, plus validation.
 
 Config files under `configs/` start from `base_config()` and change what their task
-needs; `--config.key=value` overrides any key from the command line (ml_collections
-rejects keys that do not exist). `validate()` runs once at start-up and names the key
-of any bad value.
+needs; `--config.key=value` overrides any key from the command line, and may add keys
+under the OPEN_SECTIONS (options of the chosen task, harness and data sources, which are
+checked where they are used). `validate()` runs once at start-up and names the key of
+any bad value, or of any key that `base_config()` does not have (a typo).
 """
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections as mlc
+
+# Sections whose keys depend on what else is chosen (task, harness, data source kind,
+# model family for source=random), so any key may be set there.
+OPEN_SECTIONS = ("task_options", "harness.options", "data.train", "data.eval", "model.random",
+                 "model.chat_template_kwargs")
 
 
 def base_config() -> mlc.ConfigDict:
@@ -148,10 +156,28 @@ def _get(c, dotted):
     return c
 
 
+def _unknown_keys(c, ref, prefix=""):
+    """Dotted keys of `c` that `ref` does not have, outside OPEN_SECTIONS."""
+    for k in c.keys():
+        key = prefix + k
+        if key in OPEN_SECTIONS:
+            continue
+        if k not in ref:
+            yield key, list(ref.keys())
+        elif isinstance(c[k], mlc.ConfigDict) and isinstance(ref[k], mlc.ConfigDict):
+            yield from _unknown_keys(c[k], ref[k], key + ".")
+
+
 def validate(c: mlc.ConfigDict) -> None:
     """Raise ConfigValueError naming the first bad key."""
     def bad(key, why):
         raise ConfigValueError(f"config.{key}: {why} (got {_get(c, key)!r})")
+
+    for key, siblings in _unknown_keys(c, base_config()):
+        near = difflib.get_close_matches(key.rsplit(".", 1)[-1], siblings, n=1)
+        hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{near[0]}?" if near else ""
+        raise ConfigValueError(f"config.{key}: unknown key{hint} (open sections, where any key may be "
+                               f"set: {', '.join(OPEN_SECTIONS)})")
 
     for key, choices in _CHOICES.items():
         if _get(c, key) not in choices:

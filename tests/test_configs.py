@@ -35,6 +35,22 @@ def test_config_validates(path):
     validate(c)
 
 
+def test_unknown_keys_are_rejected_outside_open_sections():
+    c = load([p for p in CONFIGS if p.endswith("tiny.py")][0])
+    c.harness.options.some_option = 3  # open: the harness checks its own options
+    c.task_options.other = "x"
+    c.data.eval = {"kind": "gsm8k_jsonl", "path": "/data/test.jsonl"}
+    validate(c)
+    c.optim.learnig_rate = 1e-5
+    with pytest.raises(ConfigValueError, match=r"config\.optim\.learnig_rate: unknown key; did you mean "
+                                               r"optim\.learning_rate\?"):
+        validate(c)
+    del c.optim.learnig_rate
+    c.rollouts = {"max_new_tokens": 3}
+    with pytest.raises(ConfigValueError, match=r"config\.rollouts: unknown key; did you mean rollout\?"):
+        validate(c)
+
+
 def test_paper_settings():
     assert len(PAPER) == 4
     for path in PAPER:

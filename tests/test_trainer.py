@@ -192,7 +192,9 @@ def write_config(tmp_path, body):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "missing_model", "unreadable_data", "empty_dataset", "bad_value"])
+@pytest.mark.parametrize("case", ["unknown_key", "unknown_section", "typo_in_config_file", "missing_config_file",
+                                  "eval_set_override", "missing_model", "unreadable_data", "empty_dataset",
+                                  "bad_value"])
 def test_errors_are_one_line_and_keep_the_workdir(case, tmp_path):
     workdir = tmp_path / "work"
     (workdir / "checkpoints").mkdir(parents=True)
@@ -202,6 +204,12 @@ def test_errors_are_one_line_and_keep_the_workdir(case, tmp_path):
     empty.write_text("")
     args = {
         "unknown_key": ("--config", TINY, "--config.train.no_such_key=1"),
+        "unknown_section": ("--config", TINY, "--config.trian.steps=1"),
+        "typo_in_config_file": ("--config", write_config(tmp_path, "    c.train.stepz = 3")),
+        "missing_config_file": ("--config", str(tmp_path / "no_such_config.py")),
+        # keys new to an open section are accepted and reach their user (here the eval loader)
+        "eval_set_override": ("--config", TINY, "--config.data.eval.kind=gsm8k_jsonl",
+                              "--config.data.eval.path=/no/such/eval.jsonl"),
         "missing_model": ("--config", TINY, "--config.model.source=hf", "--config.model.path=/no/such/model"),
         "unreadable_data": ("--config", write_config(tmp_path, "    c.data.train = {'kind': 'gsm8k_jsonl', "
                                                                "'path': '/no/such/train.jsonl'}")),
@@ -211,7 +219,9 @@ def test_errors_are_one_line_and_keep_the_workdir(case, tmp_path):
     }[case]
     proc = cli("ophsd_jax.train", *args, "--workdir", str(workdir), check=False)
     assert proc.returncode != 0
-    expected = {"unknown_key": "no_such_key", "missing_model": "/no/such/model",
+    expected = {"unknown_key": "config.train.no_such_key: unknown key", "unknown_section": "'trian'",
+                "typo_in_config_file": "did you mean train.steps", "missing_config_file": "no_such_config.py",
+                "eval_set_override": "/no/such/eval.jsonl", "missing_model": "/no/such/model",
                 "unreadable_data": "/no/such/train.jsonl", "empty_dataset": "empty",
                 "bad_value": "config.distill.kind"}[case]
     error_lines = [l for l in proc.stderr.splitlines() if expected in l]

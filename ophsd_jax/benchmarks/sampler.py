@@ -13,7 +13,9 @@ bound): bytes a decode step must read (all weights at their storage dtype, the t
 embedding once as the LM head, plus the KV cache of the live context, averaged over the
 steps) x steps/s / bandwidth. The fp32 row also times the decode step's layers and LM
 head alone (no attention, no sampling), which bounds what the fraction can reach with
-XLA:CPU's kernels (`bandwidth_fraction_ceiling`).
+XLA:CPU's kernels (`bandwidth_fraction_ceiling`). The bf16 row counts bf16 weight bytes
+(what a bf16 decode should read); XLA:CPU hoists the fp32 conversion out of the decode
+loop, so that loop really reads fp32 copies, and runs at the fp32 row's speed.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ ROWS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "float32")}  # name
 
 def make_prompts(tok, batch: int, length: int) -> list[list[int]]:
     text = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-            "How many clips did Natalia sell altogether in April and May? Explain each step. ") * 20
-    ids = tok.encode(text)
+            "How many clips did Natalia sell altogether in April and May? Explain each step. ")
+    ids = tok.encode(text * 20)
+    ids = ids * (1 + (batch + length) // len(ids))  # long enough for any --prompt/--batch
     return [ids[i: i + length] for i in range(batch)]  # same length, different content
 
 
