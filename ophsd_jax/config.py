@@ -107,6 +107,7 @@ def base_config() -> mlc.ConfigDict:
     c.train.save_every = 10
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    c.train.compilation_cache_dir = "xla_cache"  # XLA's persistent cache (relative: in the work dir; "" = off)
     c.train.profile_steps = ()  # e.g. (5, 6): jax.profiler trace of these steps into workdir/profile
 
     # ---- sampler -----------------------------------------------------------------------

@@ -51,6 +51,7 @@ class Run:
         if c.train.batch_size % self.share[1]:
             raise ValueError(f"config.train.batch_size={c.train.batch_size} must be divisible by the number of "
                              f"processes ({self.share[1]}): each process takes an equal share of every batch")
+        runtime.use_compilation_cache(c, workdir)
         self.model_cfg, self.graphdef, params, self.tokenizer = runtime.load_model(c, self.mesh)
         self.data = runtime.load_data(c, workdir)
         self.harness = runtime.make_run_harness(c, self.data)

@@ -61,6 +61,12 @@ def finished_run(tmp_path_factory):
     return workdir, proc
 
 
+def test_compiled_programs_are_cached_in_the_workdir(finished_run):
+    workdir, _ = finished_run
+    cached = glob.glob(os.path.join(workdir, "xla_cache", "*"))
+    assert len(cached) >= 2, cached  # at least the sampler and the train step (each compiles for > 1 s)
+
+
 def test_metrics_checkpoints_and_summary(finished_run):
     workdir, proc = finished_run
     rows = read_metrics(workdir)
