@@ -155,6 +155,47 @@ def test_sampling_frequencies_match_filtered_distribution(temperature, top_k, to
     assert np.all(np.abs(freq - expected) <= 5 * sigma + 1e-9), (freq, expected)
 
 
+def _sorted_filter(logits, temperature, top_k, top_p):
+    """The plain sort-based filter (numpy, per row): reference for the bisection one."""
+    logits = logits.astype(np.float32) / np.float32(max(temperature, 1e-6))
+    out = logits.copy()
+    for row in out:
+        order = np.sort(row)[::-1]
+        if top_k:
+            row[row < order[min(top_k, len(row)) - 1]] = -np.inf
+            order = np.sort(row)[::-1]
+        if top_p < 1:
+            e = np.exp(order.astype(np.float64) - order[0])
+            probs = e / e.sum()
+            before = np.cumsum(probs) - probs
+            n_keep = max(int(np.sum(before < top_p)), 1)
+            row[row < order[n_keep - 1]] = -np.inf
+    return out
+
+
+@pytest.mark.parametrize("vocab,ties", [(50, False), (3000, False), (3000, True)])
+def test_filter_keeps_the_same_tokens_as_sorting(vocab, ties):
+    rng = np.random.default_rng(vocab + ties)
+    logits = rng.normal(0, 3, (6, vocab)).astype(np.float32)
+    if ties:  # many equal logits: ties at the k-th value and at the top-p cut
+        logits = np.round(logits * 2) / 2
+    logits[1, : vocab // 2] = -np.inf  # rows may arrive already masked
+    for temperature, top_k, top_p in [(1.0, 1, 1.0), (1.0, 20, 1.0), (0.7, 0, 0.9), (1.3, 40, 0.5), (1.0, 0, 0.999),
+                                      (0.6, 20, 0.95), (1.0, vocab, 0.3), (1.0, 5 * vocab, 1.0)]:
+        got = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p, use_top_k=top_k > 0,
+                                       use_top_p=top_p < 1.0))
+        want = _sorted_filter(logits, temperature, top_k, top_p)
+        kept = np.isfinite(got)
+        if top_p < 1:  # fp32 sums in another order: a token whose cut mass is within 1e-5 of top_p may flip
+            surely_kept = np.isfinite(_sorted_filter(logits, temperature, top_k, top_p - 1e-5))
+            maybe_kept = np.isfinite(_sorted_filter(logits, temperature, top_k, top_p + 1e-5))
+            assert np.all(kept[surely_kept]) and not np.any(kept & ~maybe_kept), (temperature, top_k, top_p)
+            assert np.sum(kept != np.isfinite(want)) <= 2, (temperature, top_k, top_p)
+        else:
+            np.testing.assert_array_equal(kept, np.isfinite(want), err_msg=f"T={temperature} top_k={top_k}")
+        np.testing.assert_allclose(got[kept], (logits / np.float32(temperature))[kept], rtol=1e-6)
+
+
 def test_filter_keeps_at_least_one_token():
     logits = jnp.array([[5.0, 1.0, 0.0]])
     f = filter_logits(logits, 1.0, 1, 0.01, use_top_k=True, use_top_p=True)

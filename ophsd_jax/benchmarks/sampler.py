@@ -32,7 +32,7 @@ from ophsd_jax import parallel
 from ophsd_jax.benchmarks.common import best_read_bandwidth, best_time, emit
 from ophsd_jax.models import bundled, transformer
 from ophsd_jax.models.config import as_dtype
-from ophsd_jax.sampling import Sampler
+from ophsd_jax.sampling import Sampler, filter_logits
 
 ROWS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "float32")}  # name: (param dtype, compute dtype)
 
@@ -102,6 +102,34 @@ def bench_matmuls_alone(cfg, graphdef, params, batch, repeats) -> float:
     x = jnp.ones((batch, 1, cfg.hidden_size), as_dtype(cfg.dtype))
     step(params, layers, x).block_until_ready()
     return best_time(lambda: step(params, layers, x).block_until_ready(), max(repeats, 20))
+
+
+def _sorting_filter(logits, temperature, top_k, top_p):
+    """Baseline: top-k and top-p by sorting the vocabulary (the sampler's filter before
+    it bisected its thresholds); same results as `filter_logits`."""
+    logits = logits / temperature
+    order = jnp.sort(logits, axis=-1)[..., ::-1]
+    logits = jnp.where(logits < order[..., top_k - 1: top_k], -jnp.inf, logits)
+    order = jnp.where(jnp.arange(logits.shape[-1]) < top_k, order, -jnp.inf)
+    probs = jax.nn.softmax(order, axis=-1)
+    n_keep = jnp.maximum(jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1, keepdims=True), 1)
+    return jnp.where(logits < jnp.take_along_axis(order, n_keep - 1, axis=-1), -jnp.inf, logits)
+
+
+def bench_filter(vocab: int, batch: int, repeats: int) -> tuple[float, float]:
+    """(ours, sorting) seconds for one step's top-k 20 / top-p 0.95 filter + draw (the
+    harness settings of configs/smollm2_arithmetic.py) on [batch, vocab] logits."""
+    logits = jax.random.normal(jax.random.key(0), (batch, vocab)) * 3
+    key = jax.random.key(1)
+    ours = jax.jit(lambda x: jax.random.categorical(key, filter_logits(x, 0.6, 20, 0.95, use_top_k=True,
+                                                                        use_top_p=True)))
+    base = jax.jit(lambda x: jax.random.categorical(key, _sorting_filter(x, 0.6, 20, 0.95)))
+    times = []
+    for f in (ours, base):
+        f(logits).block_until_ready()
+        times.append(best_time(lambda: f(logits).block_until_ready(), max(repeats, 20)))
+    assert bool(jnp.all(ours(logits) == base(logits))), "filters disagree"
+    return times[0], times[1]
 
 
 def _common_prefix(a, b) -> int:
@@ -180,6 +208,10 @@ def main(argv=None):
                   f"{row['weight_bytes'] / row['matmuls_alone_s'] / 1e9:.1f} GB/s: even with free attention the "
                   f"decode would be at {row['fraction_ceiling']:.2f} of bandwidth")
 
+    t_ours, t_sort = bench_filter(cfg.vocab_size, B, R)
+    print(f"top-k 20 + top-p 0.95 filter and draw per decode step, [{B}, {cfg.vocab_size}] logits: "
+          f"{t_ours * 1e3:.2f} ms (bisection) vs {t_sort * 1e3:.2f} ms (sorting): {t_sort / t_ours:.1f}x")
+
     fp32, bf16 = rows["fp32"], rows["bf16"]
     emit({"bench": "sampler", "ours_decode_tok_s": fp32["ours_decode_tok_s"],
           "hf_decode_tok_s": fp32.get("hf_decode_tok_s"),
@@ -189,7 +221,8 @@ def main(argv=None):
           "bf16_ours_decode_tok_s": bf16["ours_decode_tok_s"], "bf16_hf_decode_tok_s": bf16.get("hf_decode_tok_s"),
           "bf16_decode_speedup": bf16.get("decode_speedup"), "bf16_ours_prefill_tok_s": bf16["ours_prefill_tok_s"],
           "bf16_hf_prefill_tok_s": bf16.get("hf_prefill_tok_s"), "bf16_bandwidth_fraction": bf16["bandwidth_fraction"],
-          "bandwidth_gbs": bw / 1e9, "batch": B, "prompt": P, "new": N})
+          "bandwidth_gbs": bw / 1e9, "filter_ms": t_ours * 1e3, "sorting_filter_ms": t_sort * 1e3,
+          "batch": B, "prompt": P, "new": N})
 
 
 if __name__ == "__main__":
