@@ -49,7 +49,7 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
     return buckets[i]
 
 
-def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top_p: bool):
+def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top_p: bool, top_k_cap: int = 0):
     """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries -> -inf.
 
     top-k keeps the logits >= the k-th largest (ties at it included). top-p then keeps
@@ -57,25 +57,37 @@ def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top
     top_p: a token stays if the mass of the tokens strictly more likely is < top_p, so
     the top token always stays. Both thresholds are found by bisection over the float
     order (`_smallest_key`) instead of sorting the vocabulary: XLA:CPU's sort of
-    [rows, 49k] logits cost more than the model's whole decode step.
+    [rows, 49k] logits cost more than the model's whole decode step. With a static
+    `top_k_cap` >= top_k, the search runs over the `top_k_cap` largest logits only
+    (`lax.top_k`): they hold every token strictly above the k-th value.
     """
     logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
     if not (use_top_k or use_top_p):
         return logits
-    keys = _order_key(logits)
+    pool, pool_idx = jax.lax.top_k(logits, top_k_cap) if use_top_k and top_k_cap else (logits, None)
+    keys = _order_key(pool)
     lo, hi = jnp.min(keys, axis=-1, keepdims=True), jnp.max(keys, axis=-1, keepdims=True)
     if use_top_k:
-        k = jnp.clip(top_k, 1, logits.shape[-1])
+        k = jnp.clip(top_k, 1, pool.shape[-1])
         # the k-th largest: the smallest t with fewer than k logits above it
-        kth = _smallest_key(lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < k, lo, hi)
-        logits = jnp.where(keys < kth, -jnp.inf, logits)
+        lo = _smallest_key(lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < k, lo, hi)
+        logits = jnp.where(_order_key(logits) < lo, -jnp.inf, logits)
     if use_top_p:
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = jax.nn.softmax(logits, axis=-1)  # over every survivor of top-k
+        probs = probs if pool_idx is None else jnp.take_along_axis(probs, pool_idx, axis=-1)
         # the least likely kept token: the smallest t whose strictly-more-likely mass is < top_p
         threshold = _smallest_key(lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True) < top_p,
                                   lo, hi)
-        logits = jnp.where(keys < threshold, -jnp.inf, logits)
+        logits = jnp.where(_order_key(logits) < threshold, -jnp.inf, logits)
     return logits
+
+
+def top_k_cap(top_k: int, vocab: int, most: int = 1024) -> int:
+    """Static candidate count for `filter_logits` (0 = search the whole vocabulary): a
+    power of two >= top_k, so few values compile; `lax.top_k` beyond ~1k costs more on
+    XLA:CPU than bisecting over the whole vocabulary."""
+    cap = 1 << max(top_k - 1, 0).bit_length()
+    return min(cap, vocab) if 0 < top_k and cap <= most else 0
 
 
 def _order_key(x):
@@ -106,10 +118,12 @@ def greedy_token(logits) -> jax.Array:
     return jnp.min(jnp.where(hit, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
 
 
-def sample_token(logits, key, temperature, top_k, top_p, *, greedy: bool, use_top_k: bool, use_top_p: bool):
+def sample_token(logits, key, temperature, top_k, top_p, *, greedy: bool, use_top_k: bool, use_top_p: bool,
+                 top_k_cap: int = 0):
     if greedy:
         return greedy_token(logits)
-    filtered = filter_logits(logits, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
+    filtered = filter_logits(logits, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p,
+                             top_k_cap=top_k_cap)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
@@ -140,7 +154,7 @@ class Sampler:
         # Outputs keep the batch-row sharding, so each process can read its rows from its own shards.
         rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         self._jitted = jax.jit(self._generate_chunk, out_shardings=(rows, rows, rows),
-                               static_argnames=("n_new_bucket", "greedy", "use_top_k", "use_top_p"))
+                               static_argnames=("n_new_bucket", "greedy", "use_top_k", "use_top_p", "top_k_cap"))
 
     # ---- public ---------------------------------------------------------------------
 
@@ -211,16 +225,17 @@ class Sampler:
                            parallel.from_process_rows(mask, sh, self.share), rng,
                            np.float32(temperature), np.int32(top_k), np.float32(top_p), stop,
                            np.int32(max_new_tokens), n_new_bucket=n_new, greedy=greedy,
-                           use_top_k=(not greedy) and top_k > 0, use_top_p=(not greedy) and top_p < 1.0)
+                           use_top_k=(not greedy) and top_k > 0, use_top_p=(not greedy) and top_p < 1.0,
+                           top_k_cap=0 if greedy else top_k_cap(top_k, self.cfg.vocab_size))
         out_tok, out_lp, out_len = (parallel.process_rows(x, self.share) for x in out)
         return out_tok[:n], out_lp[:n], out_len[:n]
 
     def _generate_chunk(self, params, prompt, prompt_mask, rng, temperature, top_k, top_p, stop, max_new,
-                        *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool):
+                        *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
         self.trace_count += 1
         B, P = prompt.shape
         sample = lambda logits, key: sample_token(logits, key, temperature, top_k, top_p, greedy=greedy,  # noqa: E731
-                                                  use_top_k=use_top_k, use_top_p=use_top_p)
+                                                  use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=top_k_cap)
         with parallel.activation_mesh(self.mesh):
             model = nnx.merge(self.graphdef, params)
             forward, logits_fn, cache = self._layer_loop(model, B, P + n_new_bucket)

@@ -11,7 +11,7 @@ from hf_reference import make_hf_model, save_hf_model
 from ophsd_jax import parallel
 from ophsd_jax.models import state as S
 from ophsd_jax.models.weights import load_hf
-from ophsd_jax.sampling import Sampler, filter_logits, greedy_token, sample_token
+from ophsd_jax.sampling import Sampler, filter_logits, greedy_token, sample_token, top_k_cap
 
 PROMPTS = [[5, 17, 99, 23, 4, 61, 7], [250, 11], [42, 42, 8, 300, 19, 77, 150, 3, 9, 200, 12]]
 
@@ -180,20 +180,30 @@ def test_filter_keeps_the_same_tokens_as_sorting(vocab, ties):
     if ties:  # many equal logits: ties at the k-th value and at the top-p cut
         logits = np.round(logits * 2) / 2
     logits[1, : vocab // 2] = -np.inf  # rows may arrive already masked
+    # a few likely tokens, then more ties at the k-th value than top_k_cap holds: top-p must
+    # renormalise over every survivor of top-k, not only over the candidates
+    logits[2] = -5.0
+    logits[2, :5], logits[2, 5:45] = [4.0, 3.5, 3.0, 2.5, 2.0], 0.0
     for temperature, top_k, top_p in [(1.0, 1, 1.0), (1.0, 20, 1.0), (0.7, 0, 0.9), (1.3, 40, 0.5), (1.0, 0, 0.999),
-                                      (0.6, 20, 0.95), (1.0, vocab, 0.3), (1.0, 5 * vocab, 1.0)]:
-        got = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p, use_top_k=top_k > 0,
-                                       use_top_p=top_p < 1.0))
-        want = _sorted_filter(logits, temperature, top_k, top_p)
-        kept = np.isfinite(got)
-        if top_p < 1:  # fp32 sums in another order: a token whose cut mass is within 1e-5 of top_p may flip
-            surely_kept = np.isfinite(_sorted_filter(logits, temperature, top_k, top_p - 1e-5))
-            maybe_kept = np.isfinite(_sorted_filter(logits, temperature, top_k, top_p + 1e-5))
-            assert np.all(kept[surely_kept]) and not np.any(kept & ~maybe_kept), (temperature, top_k, top_p)
-            assert np.sum(kept != np.isfinite(want)) <= 2, (temperature, top_k, top_p)
-        else:
-            np.testing.assert_array_equal(kept, np.isfinite(want), err_msg=f"T={temperature} top_k={top_k}")
-        np.testing.assert_allclose(got[kept], (logits / np.float32(temperature))[kept], rtol=1e-6)
+                                      (0.6, 20, 0.95), (1.0, 20, 0.75), (1.0, vocab, 0.3), (1.0, 5 * vocab, 1.0)]:
+        cap = top_k_cap(top_k, vocab)  # also 0 (whole vocabulary) when top_k is 0 or large
+        for pool in {0, cap}:
+            got = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p, use_top_k=top_k > 0,
+                                           use_top_p=top_p < 1.0, top_k_cap=pool))
+            _check_filtered(got, logits, temperature, top_k, top_p)
+
+
+def _check_filtered(got, logits, temperature, top_k, top_p):
+    want = _sorted_filter(logits, temperature, top_k, top_p)
+    kept = np.isfinite(got)
+    if top_p < 1:  # fp32 sums in another order: a token whose cut mass is within 1e-5 of top_p may flip
+        surely_kept = np.isfinite(_sorted_filter(logits, temperature, top_k, top_p - 1e-5))
+        maybe_kept = np.isfinite(_sorted_filter(logits, temperature, top_k, top_p + 1e-5))
+        assert np.all(kept[surely_kept]) and not np.any(kept & ~maybe_kept), (temperature, top_k, top_p)
+        assert np.sum(kept != np.isfinite(want)) <= 2, (temperature, top_k, top_p)
+    else:
+        np.testing.assert_array_equal(kept, np.isfinite(want), err_msg=f"T={temperature} top_k={top_k}")
+    np.testing.assert_allclose(got[kept], (logits / np.float32(temperature))[kept], rtol=1e-6)
 
 
 def test_filter_keeps_at_least_one_token():
