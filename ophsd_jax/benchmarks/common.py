@@ -19,15 +19,6 @@ def best_time(fn, repeats: int = 3) -> float:
     return best
 
 
-def memory_read_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes/s for a streaming reduction over a large fp32 array in JAX."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: jnp.sum(a))
-    f(x).block_until_ready()
-    t = best_time(lambda: f(x).block_until_ready(), repeats=5)
-    return nbytes / t
-
-
 def best_read_bandwidth(sizes=(1 << 28, 1 << 30), repeats: int = 5) -> tuple[float, str]:
     """(bytes/s, how): the best streaming-read rate JAX reaches on this machine.
 
