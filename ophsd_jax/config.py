@@ -77,7 +77,7 @@ def base_config() -> mlc.ConfigDict:
     c.distill.beta = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
     c.distill.clip = 0.0  # per-token divergence cap (0 = off)
     c.distill.teacher = "initial"  # initial (frozen starting weights) | current (live weights, no grad)
-    c.distill.micro_batches = 1
+    c.distill.micro_batches = 1  # gradient accumulation slices; 0 = one row per batch shard each (least memory)
     c.distill.remat_teacher = False
     c.distill.tile = 256
     c.distill.keep_fraction = 1.0  # < 1: entropy-weighted token subsampling
@@ -140,7 +140,7 @@ _CHOICES = {
     "optim.schedule": ("constant", "warmup_cosine"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-             "rollout.max_new_tokens", "eval.k", "eval.max_new_tokens", "sampler.max_batch", "distill.micro_batches",
+             "rollout.max_new_tokens", "eval.k", "eval.max_new_tokens", "sampler.max_batch",
              "distill.tile")
 _NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
                  "distill.clip", "distill.reward_weight_beta", "distill.max_response_tokens", "eval.num_examples",
@@ -198,7 +198,9 @@ def validate(c: mlc.ConfigDict) -> None:
             bad(key, "must be in (0, 1]")
     if c.model.source == "hf" and not c.model.path:
         bad("model.path", "is required when model.source='hf'")
-    if c.train.batch_size % c.distill.micro_batches:
+    if c.distill.micro_batches < 0:
+        bad("distill.micro_batches", "must be >= 0 (0 = one row per batch shard per micro-batch)")
+    if c.distill.micro_batches and c.train.batch_size % c.distill.micro_batches:
         bad("distill.micro_batches", f"must divide train.batch_size={c.train.batch_size}")
     for key in ("distill.student_buckets", "distill.teacher_buckets", "distill.response_buckets",
                 "sampler.prompt_buckets", "sampler.new_token_buckets"):

@@ -20,7 +20,8 @@ from ophsd_jax.checkpointing import CheckpointManager, abstract_like, join_array
 from ophsd_jax.data.iterator import ExampleIterator
 from ophsd_jax.distill.batch import Buckets, PairBatch, SideBatch
 from ophsd_jax.distill.losses import reward_weights
-from ophsd_jax.distill.step import TrainStep, init_train_state, learning_rate_schedule, OptimConfig
+from ophsd_jax.distill.step import (TrainStep, init_train_state, learning_rate_schedule, micro_batch_rows_error,
+                                   OptimConfig)
 from ophsd_jax.evaluate import evaluate, write_eval
 from ophsd_jax.metrics import MetricsWriter, PhaseTimer, progress_bar
 
@@ -51,6 +52,9 @@ class Run:
         if c.train.batch_size % self.share[1]:
             raise ValueError(f"config.train.batch_size={c.train.batch_size} must be divisible by the number of "
                              f"processes ({self.share[1]}): each process takes an equal share of every batch")
+        rows_error = micro_batch_rows_error(c.train.batch_size, runtime.micro_batches(c, self.mesh), self.mesh)
+        if rows_error and not for_eval:
+            raise ValueError(f"config.{rows_error} (mesh {dict(self.mesh.shape)})")
         runtime.use_compilation_cache(c, workdir)
         self.model_cfg, self.graphdef, params, self.tokenizer = runtime.load_model(c, self.mesh)
         self.data = runtime.load_data(c, workdir)
@@ -72,7 +76,7 @@ class Run:
         if for_eval:
             return self
         runtime.save_config(c, workdir)
-        self.train_step = TrainStep(self.graphdef, runtime.step_config(c), self.optimizer, self.mesh, self.state)
+        self.train_step = TrainStep(self.graphdef, runtime.step_config(c, self.mesh), self.optimizer, self.mesh, self.state)
         self.buckets = Buckets.make({"student": c.distill.student_buckets, "teacher": c.distill.teacher_buckets,
                                      "response": c.distill.response_buckets})
         self.writer = MetricsWriter(workdir)

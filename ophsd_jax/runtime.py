@@ -105,11 +105,18 @@ def make_run_harness(c: mlc.ConfigDict, data: Data):
     return make_harness(name, data.task, c.harness.options.to_dict(), train_examples=train_examples)
 
 
-def step_config(c: mlc.ConfigDict) -> StepConfig:
+def micro_batches(c: mlc.ConfigDict, mesh) -> int:
+    """config.distill.micro_batches, with 0 resolved to one row per batch shard per slice."""
+    if c.distill.micro_batches:
+        return c.distill.micro_batches
+    return max(c.train.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"]), 1)
+
+
+def step_config(c: mlc.ConfigDict, mesh) -> StepConfig:
     d = c.distill
     return StepConfig(kind=d.kind, beta=float(d.beta), clip=d.clip or None, teacher=d.teacher,
-                      micro_batches=d.micro_batches, remat_teacher=d.remat_teacher, tile=d.tile,
-                      keep_fraction=d.keep_fraction if d.keep_fraction < 1 else None)
+                      micro_batches=micro_batches(c, mesh), remat_teacher=d.remat_teacher, tile=d.tile,
+                      keep_fraction=d.keep_fraction if d.keep_fraction < 1 else None, compute_dtype=c.model.dtype)
 
 
 def optimizer(c: mlc.ConfigDict):

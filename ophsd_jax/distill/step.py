@@ -36,6 +36,7 @@ class StepConfig:
     alpha: float = 1.0
     gamma: float = 0.0
     teacher_top_k: int | None = None
+    compute_dtype: str | None = None  # the model's compute dtype: both heads' matmuls run in it
 
     def __post_init__(self):
         if self.teacher not in ("initial", "current"):
@@ -96,14 +97,47 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
 
 
-def init_train_state(params, optimizer, mesh: Mesh) -> TrainState:
-    """Optimizer moments take the params' shardings; scalars are replicated on `mesh`."""
+def optimizer_state_shardings(optimizer, params, mesh: Mesh):
+    """Shardings of `optimizer.init(params)`: every params-shaped leaf (Adam moments)
+    takes its parameter's sharding, everything else (counts, flags) is replicated.
+
+    Without this, `jit(optimizer.init)` lets XLA choose, and it replicates the moments:
+    two fp32 copies of the model on every device.
+    """
     replicated = NamedSharding(mesh, P())
-    opt_state = jax.jit(optimizer.init)(params)
-    place = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else \
-        parallel.global_array(parallel.to_host(x), replicated)  # noqa: E731
+    abstract = jax.eval_shape(optimizer.init, params)
+    params_sh = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_map_params(optimizer, lambda _, sh: sh, abstract, params_sh,
+                                 transform_non_params=lambda _: replicated)
+
+
+def init_train_state(params, optimizer, mesh: Mesh) -> TrainState:
+    """Optimizer moments take the params' shardings; scalars are replicated on `mesh`.
+    `params` may be abstract (`jax.ShapeDtypeStruct`s with shardings): then so is the state."""
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optimizer_state_shardings(optimizer, params, mesh)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                 jax.eval_shape(optimizer.init, params), opt_sh)
+        return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     step = parallel.global_array(np.zeros((), np.int32), replicated)
-    return TrainState(step, params, jax.tree.map(place, opt_state))
+    return TrainState(step, params, opt_state)
+
+
+def micro_batch_rows_error(batch_size: int, micro_batches: int, mesh: Mesh) -> str | None:
+    """Why `batch_size` rows cannot go in `micro_batches` slices sharded over the batch
+    axes of `mesh`, or None. Each slice must split evenly over data x fsdp: otherwise XLA
+    replicates its rows and every device computes the whole slice."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % (shards * micro_batches) == 0:
+        return None
+    ok = [m for m in range(1, batch_size + 1) if batch_size % (shards * m) == 0]
+    return (f"distill.micro_batches={micro_batches} gives {batch_size}/{micro_batches} rows per micro-batch, which "
+            f"do not split over the {shards} batch shards (data x fsdp); with train.batch_size={batch_size} use "
+            f"micro_batches in {ok}" if ok else
+            f"train.batch_size={batch_size} does not split over the {shards} batch shards (data x fsdp): use a "
+            f"multiple of {shards}")
 
 
 def _gather(hidden, index):
@@ -128,6 +162,7 @@ def loss_fn(params, teacher_params, batch: PairBatch, sample_weights, graphdef, 
         kind=cfg.kind, beta=cfg.beta, clip=cfg.clip, tile=cfg.tile, vocab_tile=cfg.vocab_tile,
         weights=sample_weights, teacher_lm_head=model_state.lm_head(graphdef, teacher_params),
         keep_fraction=cfg.keep_fraction, alpha=cfg.alpha, gamma=cfg.gamma, teacher_top_k=cfg.teacher_top_k,
+        compute_dtype=None if cfg.compute_dtype is None else jnp.dtype(cfg.compute_dtype),
     )
 
 
@@ -136,14 +171,24 @@ _AUX_KEYS = ("tokens", "tokens_used", "student_entropy", "teacher_entropy", "div
 _COUNTS = ("tokens", "tokens_used")
 
 
-def _split_micro(tree, m: int):
-    return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), tree)
+def _split_micro(tree, m: int, shards: int):
+    """[B, ...] -> [m, B/m, ...] where slice j takes rows j*L/m .. (j+1)*L/m - 1 of every
+    shard's local block of L = B/shards rows, so each slice stays spread over all batch
+    shards (no resharding, no replicated rows). Any fixed split gives the same token-mean
+    gradient; this one keeps the work sharded."""
+    def split(x):
+        B = x.shape[0]
+        x = x.reshape(shards, m, B // (shards * m), *x.shape[1:]).swapaxes(0, 1)
+        return parallel.constrain(x.reshape(m, B // m, *x.shape[3:]), (None, "batch") + (None,) * (x.ndim - 3))
+
+    return jax.tree.map(split, tree)
 
 
 def train_step(state: TrainState, teacher_params, batch: PairBatch, sample_weights, *, graphdef,
-               cfg: StepConfig, optimizer) -> tuple[TrainState, dict]:
+               cfg: StepConfig, optimizer, params_sharding=None, batch_shards: int = 1) -> tuple[TrainState, dict]:
     """One update. Micro-batch gradients are combined token-weighted, so the result equals
-    the full-batch gradient of the token-mean loss."""
+    the full-batch gradient of the token-mean loss. `params_sharding` (the params'
+    shardings) pins the gradient accumulator; `batch_shards` = data x fsdp."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     m = cfg.micro_batches
 
@@ -153,13 +198,19 @@ def train_step(state: TrainState, teacher_params, batch: PairBatch, sample_weigh
         (loss, aux), g = grad_fn(state.params, teacher_params, mb, w, graphdef, cfg)
         n = aux["tokens_used"]  # weight of this slice in the token mean
         g_acc = jax.tree.map(lambda a, b: a + n * b, g_acc, g)
+        if params_sharding is not None:
+            g_acc = jax.lax.with_sharding_constraint(g_acc, params_sharding)
         aux = {"loss": loss, **aux}
         aux_acc = {k: aux_acc[k] + (v if k in _COUNTS else n * v) for k, v in aux.items()}
         return (g_acc, aux_acc), None
 
+    # The accumulator is pinned to the params' shardings (left to XLA, it is replicated).
     zeros = jax.tree.map(jnp.zeros_like, state.params)
+    if params_sharding is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, params_sharding)
     aux0 = {k: jnp.zeros((), jnp.float32) for k in ("loss",) + _AUX_KEYS}
-    (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), (_split_micro(batch, m), _split_micro(sample_weights, m)))
+    xs = _split_micro((batch, sample_weights), m, batch_shards)
+    (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), xs)
     total = jnp.maximum(aux["tokens_used"], 1.0)
     grads = jax.tree.map(lambda g: g / total, grads)
     aux = {k: v if k in _COUNTS else v / total for k, v in aux.items()}
@@ -175,22 +226,32 @@ class TrainStep:
 
     def __init__(self, graphdef, cfg: StepConfig, optimizer, mesh: Mesh, state: TrainState):
         self.mesh = mesh
+        self.micro_batches = cfg.micro_batches
         self.trace_count = 0
         self.batch_sharding = NamedSharding(mesh, P(tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None))
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         params_sh = state_sh.params
 
+        batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
         def step(state, teacher_params, batch, weights):
             self.trace_count += 1
             with parallel.activation_mesh(mesh):
                 return train_step(state, teacher_params, batch, weights, graphdef=graphdef, cfg=cfg,
-                                  optimizer=optimizer)
+                                  optimizer=optimizer, params_sharding=params_sh, batch_shards=batch_shards)
 
         teacher_sh = None if cfg.teacher == "current" else params_sh
         self._step = jax.jit(step, in_shardings=(state_sh, teacher_sh, self.batch_sharding, self.batch_sharding),
                              out_shardings=(state_sh, None), donate_argnums=0)
 
+    def lower(self, state, teacher_params, batch: PairBatch, sample_weights):
+        """The step lowered for these (abstract) arguments, for ahead-of-time compiles."""
+        return self._step.lower(state, teacher_params, batch, sample_weights)
+
     def __call__(self, state: TrainState, teacher_params, batch: PairBatch, sample_weights=None):
+        error = micro_batch_rows_error(len(batch.row_mask), self.micro_batches, self.mesh)
+        if error:
+            raise ValueError(error)
         if sample_weights is None:
             sample_weights = batch.row_mask
         batch = PairBatch(batch.student, batch.teacher, batch.resp_tokens, batch.resp_mask, batch.row_mask)
