@@ -142,7 +142,7 @@ def model_config(c, preset: str | None = None):
     from ophsd_jax.models.config import ModelConfig
 
     m = c.model
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
     if preset or (m.source == "hf" and not m.path):
         name = preset or "qwen3-8b"
         presets = {"qwen3-8b": ModelConfig.qwen3_8b, "smollm2-135m": ModelConfig.smollm2_135m}

@@ -31,6 +31,9 @@ def base_config() -> mlc.ConfigDict:
     c.model.param_dtype = "float32"  # float32 | bfloat16
     c.model.dtype = "float32"  # compute dtype
     c.model.remat = False  # rematerialise each layer in the backward pass
+    # self-attention: auto (splash on TPU, Pallas flash on GPU, dense query blocks on CPU up
+    # to 4k tokens, blockwise beyond) | dense | blockwise | splash | pallas_gpu
+    c.model.attention = "auto"
     c.model.random = mlc.ConfigDict()  # ModelConfig fields for source=random
     c.model.random.family = "llama"
     c.model.random.hidden_size = 64
@@ -132,6 +135,7 @@ _CHOICES = {
     "model.source": ("bundled", "hf", "random"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "dense", "blockwise", "splash", "pallas_gpu"),
     "task": ("math", "lawbench", "uspto"),
     "data.on_error": ("raise", "skip"),
     "harness.name": ("", "plan_solve", "draft_verify", "opsd"),

@@ -117,6 +117,11 @@ def activation_mesh(mesh: Mesh | None):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh set by `activation_mesh` (None outside it)."""
+    return _ACTIVE_MESH.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = _ACTIVE_MESH.get()
     if mesh is None or mesh.size == 1:

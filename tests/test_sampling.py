@@ -59,12 +59,16 @@ def assert_no_near_ties(scores, rows, min_gap=1e-2):
 LAYER_LOOPS = ["scan", "unrolled"]
 
 
-@pytest.mark.parametrize("layer_loop,causal_block", [("scan", None), ("unrolled", None), ("unrolled", 4)])
-def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop, causal_block, monkeypatch):
+@pytest.mark.parametrize("layer_loop,causal_block,impl", [("scan", None, "dense"), ("unrolled", None, "dense"),
+                                                          ("unrolled", 4, "dense"), ("scan", 4, "blockwise")])
+def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop, causal_block, impl, monkeypatch):
     hf, cfg, graphdef, params = model
-    if causal_block:  # prefill in causal query blocks (long prompts): blocks smaller than these prompts
-        from ophsd_jax.models import transformer
-        monkeypatch.setattr(transformer, "CAUSAL_BLOCK", causal_block)
+    cfg = cfg.replace(attention=impl)
+    graphdef = S.abstract_model(cfg)[0]
+    if causal_block:  # prefill in query (and key) blocks smaller than these prompts
+        from ophsd_jax.models import attention
+        monkeypatch.setattr(attention, "CAUSAL_BLOCK", causal_block)
+        monkeypatch.setattr(attention, "BLOCK", causal_block)
     sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
                       layer_loop=layer_loop)
     ref, scores = hf_greedy(hf, PROMPTS, 12, stop=None)

@@ -56,6 +56,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     remat: bool = False  # rematerialise each layer in the backward pass
+    attention: str = "auto"  # self-attention implementation (models/attention.py)
 
     def __post_init__(self):
         if self.family not in FAMILY_TO_ARCHITECTURE:
@@ -63,6 +64,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         as_dtype(self.param_dtype), as_dtype(self.dtype)
+        from ophsd_jax.models.attention import IMPLS
+        if self.attention not in IMPLS:
+            raise ConfigError(f"attention must be one of {IMPLS}, got {self.attention!r}")
         if self.rope_scaling is not None:
             kind = dict(self.rope_scaling).get("rope_type", "default")
             if kind not in ("default", "llama3", "linear"):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ophsd_jax.models import attention as attn_lib
 from ophsd_jax.models.config import ModelConfig, as_dtype
 from ophsd_jax.parallel import constrain
 
@@ -124,12 +125,13 @@ class Decoder(nnx.Module):
 
             def attend(q, k, v):
                 if kv is None:
-                    return attention(q, k, v, mask, causal=True), None
+                    return attn_lib.attention(q, k, v, attn_mask, impl=cfg.attention), None
                 # Write first, then read the layer back: reading the old buffer while the
                 # write updates it in place would make XLA copy the whole cache.
                 ck = _write_slots(kv[0], k[None], cache_index, layer, keys=True)
                 cv = _write_slots(kv[1], v[None], cache_index, layer)
-                return _cache_attention(q, k, v, mask, ck[layer], cv[layer], cache_index), (ck, cv)
+                return _cache_attention(q, k, v, mask, ck[layer], cv[layer], cache_index, attn_mask[:, :q.shape[1]],
+                                        cfg.attention), (ck, cv)
 
             x, kv = _layer(cfg, x, p, cos, sin, attend)
             return (x, kv), None
@@ -169,7 +171,8 @@ class Decoder(nnx.Module):
 
             def attend(q, k, v, ck=ck, cv=cv):
                 ck, cv = _write_slots(ck, k, cache_index, keys=True), _write_slots(cv, v, cache_index)
-                return _cache_attention(q, k, v, mask, ck, cv, cache_index), (ck, cv)
+                return _cache_attention(q, k, v, mask, ck, cv, cache_index, attn_mask[:, :q.shape[1]],
+                                        cfg.attention), (ck, cv)
 
             x, (ck, cv) = _layer(cfg, x, p, cos, sin, attend)
             new_k.append(ck)
@@ -344,59 +347,14 @@ def _swiglu_bwd(res, d_out):
 swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-# A finite fill keeps fully masked (padding) rows NaN-free.
-_MASKED = -1e30
-
-
-CAUSAL_BLOCK = 128  # query rows per block in causal self-attention
-
-
-def attention(q, k, v, mask, *, causal: bool = False):
-    """Grouped-query attention. q: [B,T,H,Dh]; k, v: [B,S,K,Dh]; mask: [B,T,S] bool.
-
-    causal=True promises that query i never attends to a key after slot i (self-attention
-    with a causal mask, T == S). Then query rows go in blocks that only see the keys up to
-    their block's end, which skips most of the masked half of the scores (~40% of the
-    attention work at T=1,024). Fully masked (padding) query rows then average fewer
-    values than without blocks; their outputs are never read.
-    """
-    kt, vt = (jnp.swapaxes(x, 1, 2) for x in (k, v))  # [B,K,S,Dh]: small copies
-    T = q.shape[1]
-    if not causal or T <= CAUSAL_BLOCK:
-        return _grouped_attention(q, kt, vt, mask)
-    assert k.shape[1] == T, "causal blocks need self-attention (T == S)"
-    outs = [_grouped_attention(q[:, i:i + CAUSAL_BLOCK], kt[:, :, :i + CAUSAL_BLOCK], vt[:, :, :i + CAUSAL_BLOCK],
-                               mask[:, i:i + CAUSAL_BLOCK, :i + CAUSAL_BLOCK]) for i in range(0, T, CAUSAL_BLOCK)]
-    return jnp.concatenate(outs, axis=1)
-
-
 def _grouped_attention(q, k, v, mask, keys_transposed: bool = False):
-    """q: [B,T,H,Dh]; k, v: [B,K,S,Dh] (k: [B,K,Dh,S] if keys_transposed);
-    mask: [B,T,S] bool -> [B,T,H,Dh].
-
-    The query rows of one kv head are laid out as one [G*T, Dh] block (query head h uses
-    kv head h // G, as in HF), so both products, and their gradients, are plain batched
-    matmuls over (batch, kv head) and the [B,K,G,T,S] scores come out of the matmul in
-    the layout the mask and softmax read. Mixing (t, g) with (s, k) in one einsum instead
-    makes XLA:CPU transpose the scores, which costs more than the matmuls.
-    """
-    B, T, H, Dh = q.shape
-    K, S = v.shape[1], v.shape[2]
-    G = H // K
-    qg = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
-    spec = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
-    scores = jnp.einsum(spec, qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores.reshape(B, K, G, T, S) / math.sqrt(Dh)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B, K, G * T, S)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(q.dtype))  # [B, K, G*T, Dh]
-    return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+    return attn_lib.grouped_attention(q, k, v, mask, keys_transposed)
 
 
-def _cache_attention(q, k, v, mask, ck, cv, cache_index):
+def _cache_attention(q, k, v, mask, ck, cv, cache_index, valid=None, impl="auto"):
     """Attention for new tokens q, k, v ([B,T,*,Dh]) whose keys/values are already written
     into the cache ck [B,K,Dh,S], cv [B,K,S,Dh]. With nothing cached before them (static index 0)
     only the new tokens are attended (mask: [B,T,T]); else all slots (mask: [B,T,S])."""
-    if _is_static_zero(cache_index):
-        return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, causal=True)  # prefill: self-attention
+    if _is_static_zero(cache_index):  # prefill: causal self-attention among the new tokens
+        return attn_lib.attention(q, k.astype(q.dtype), v.astype(q.dtype), valid, impl=impl)
     return _grouped_attention(q, ck, cv, mask, keys_transposed=True)
