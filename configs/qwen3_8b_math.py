@@ -12,8 +12,9 @@ responses up to 8192, teacher context + response <= 12288; validation avg@8 at T
 top-p 0.8, top-k 20.
 
 Mesh: FSDP over every chip (fsdp=-1) fits Qwen3-8B on a v4-32 / v5p-64 slice or one
-8-GPU host; see docs/scaling.md (`python -m ophsd_jax.scaling`) for memory per device
-and when to add tensor parallelism.
+8-GPU host: `python -m ophsd_jax.compile_check --config configs/qwen3_8b_math.py --target
+v5p-64` (or 8xH100) compiles it for that hardware and prints memory per device;
+docs/scaling.md has the table and when to add tensor parallelism.
 """
 
 from ophsd_jax.config import base_config

@@ -7,7 +7,7 @@ always generates with the weights it is handed (the current training weights).
 
 Two ways to run the layers (`layer_loop`): "scan" over the stacked weights (one layer
 body compiled for all layers; for accelerators), or "unrolled" over per-layer copies
-of the weights made once per call, with a per-layer KV cache (XLA:CPU, where the scan
+of the weights made once per call, with a per-layer KV cache (`models/cpu.py`; XLA:CPU, where the scan
 copies each layer's weights out of the stack every step; see the Sampler section of
 docs/benchmarks.md). The default picks "unrolled" on CPU meshes.
 """
@@ -282,11 +282,13 @@ class Sampler:
             cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype)
             return model, model.logits, KVCache(*(parallel.constrain(x, a) for x, a in zip(cache, KVCache.AXES)))
         # Per-layer weight copies are made here, once per call, outside the decode loop.
-        layers = model.layer_weights(split_outputs=2)  # two threads per output projection
+        from ophsd_jax.models import cpu
+
+        layers = cpu.layer_weights(model, split_outputs=2)  # two threads per output projection
         cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype, per_layer=True)
         cache = KVCache(*([parallel.constrain(x, a[1:]) for x in xs] for xs, a in zip(cache, KVCache.AXES)))
-        forward = lambda *a: model.forward_layers(layers, *a)  # noqa: E731
-        return forward, model.decode_logits, cache
+        forward = lambda *a: cpu.forward_layers(model, layers, *a)  # noqa: E731
+        return forward, lambda h: cpu.decode_logits(model, h), cache
 
 
 def _token_logprob(logits, tok):

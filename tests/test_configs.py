@@ -1,9 +1,12 @@
 """Every config file loads and validates; the paper configs build abstractly (shapes,
-mesh, shardings) without weights and report parameter count and memory per device."""
+mesh, shardings) without weights. Memory per device is the compiler's to say
+(ophsd_jax.compile_check, tests/test_compile_check.py)."""
 
 import glob
 import importlib.util
+import math
 import os
+import types
 
 import jax
 import pytest
@@ -12,7 +15,6 @@ from ophsd_jax import parallel
 from ophsd_jax.config import ConfigValueError, validate
 from ophsd_jax.models import state as S
 from ophsd_jax.models.config import ModelConfig
-from ophsd_jax.scaling import MESHES, MeshShape, estimate, sharded_elements
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py")))
 PAPER = [p for p in CONFIGS if os.path.basename(p).startswith("qwen3_8b")]
@@ -64,33 +66,29 @@ def test_paper_settings():
     assert load([p for p in PAPER if "opsd" in p][0]).harness.name == "opsd"
 
 
+def per_device_elements(abstract, mesh):
+    """Parameter elements one device holds under the rules table (naive count from the specs)."""
+    total = 0
+    for var in S.flat_names(abstract).values():
+        shape = var.get_value().shape
+        spec = parallel.logical_to_spec(var.get_metadata()["axes"], shape, mesh)
+        mesh_axes = [a for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes)]
+        shards = math.prod(mesh.shape[a] for a in mesh_axes)
+        total += math.prod(shape) // shards
+    return total
+
+
 @pytest.mark.parametrize("path", PAPER, ids=os.path.basename)
-def test_paper_config_builds_abstractly(path, capsys):
+def test_paper_config_builds_abstractly(path):
     c = load(path)
     cfg = ModelConfig.qwen3_8b(param_dtype=c.model.param_dtype, dtype=c.model.dtype, remat=c.model.remat)
     graphdef, abstract = S.abstract_model(cfg)  # shapes only, nothing allocated
     n_params = sum(x.size for x in jax.tree.leaves(abstract))
     assert n_params == cfg.num_params() and 8.1e9 < n_params < 8.3e9
     # The config's mesh (fsdp over all chips) on a v5p-64 slice (32 chips), as abstract axis sizes.
-    mesh = MeshShape(c.mesh.data, 32 if c.mesh.fsdp == -1 else c.mesh.fsdp, c.mesh.tensor)
+    mesh = types.SimpleNamespace(shape={"data": c.mesh.data, "fsdp": 32 if c.mesh.fsdp == -1 else c.mesh.fsdp,
+                                        "tensor": c.mesh.tensor})
     specs = {name: parallel.logical_to_spec(var.get_metadata()["axes"], var.get_value().shape, mesh)
              for name, var in S.flat_names(abstract).items()}
     assert specs["layers.wq"][1] == "fsdp" and specs["embed"][1] == "fsdp"
-    assert sharded_elements(cfg, mesh) * 32 == pytest.approx(n_params, rel=2e-3)  # only norms are replicated
-    est = estimate(cfg, mesh, prompts_per_step=c.train.batch_size, micro_batches=c.distill.micro_batches,
-                   prompt_len=c.distill.student_buckets[-1] - c.rollout.max_new_tokens,
-                   response_len=c.rollout.max_new_tokens, teacher_len=c.distill.teacher_buckets[-1],
-                   sampler_batch=c.sampler.max_batch, loss_tile=c.distill.tile)
-    with capsys.disabled():
-        print(f"\n{os.path.basename(path)}: {n_params / 1e9:.2f}B params; per device on v5p-64: "
-              + ", ".join(f"{k}={v / 2**30:.2f}GiB" for k, v in est.items()))
-    assert est["total"] < 95 * 2**30  # fits a v5p chip's HBM
-    assert est["params"] == pytest.approx(n_params * 4 / 32, rel=2e-3)
-
-
-def test_scaling_meshes_use_the_rules_table():
-    cfg = ModelConfig.qwen3_8b()
-    one = sharded_elements(cfg, MeshShape(1, 1, 1))
-    assert one == cfg.num_params()
-    for name, mesh in MESHES.items():
-        assert sharded_elements(cfg, mesh) < one / (mesh.size / 1.2), name
+    assert per_device_elements(abstract, mesh) * 32 == pytest.approx(n_params, rel=2e-3)  # only norms replicated

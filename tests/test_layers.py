@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ophsd_jax.models import attention as attn
-from ophsd_jax.models.transformer import swiglu_mlp
+from ophsd_jax.models.cpu import swiglu_mlp
 
 
 def _rel_err(a, b):

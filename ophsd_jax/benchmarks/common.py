@@ -56,6 +56,20 @@ def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
     return 2 * n**3 / t
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (benchmarks print it: a ratio from one host is no claim about another)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def emit(record: dict) -> None:
     """The final machine-readable line of a benchmark."""
     print(json.dumps(record))

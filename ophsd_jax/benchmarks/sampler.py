@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from ophsd_jax import parallel
-from ophsd_jax.benchmarks.common import best_read_bandwidth, best_time, emit
-from ophsd_jax.models import bundled, transformer
+from ophsd_jax.benchmarks.common import best_read_bandwidth, best_time, cpu_model, emit
+from ophsd_jax.models import bundled, cpu, transformer
 from ophsd_jax.models.config import as_dtype
 from ophsd_jax.sampling import Sampler, filter_logits, top_k_cap
 
@@ -89,15 +89,15 @@ def bench_matmuls_alone(cfg, graphdef, params, batch, repeats) -> float:
     (norms, RoPE, projections, MLP) and the LM head on one token per row, on the same
     per-layer weight copies the sampler decodes with. This is what XLA:CPU's kernels
     make of the weight reads alone: a ceiling for the whole decode step."""
-    layers = jax.jit(lambda params: nnx.merge(graphdef, params).layer_weights(split_outputs=2))(params)
+    layers = jax.jit(lambda params: cpu.layer_weights(nnx.merge(graphdef, params), split_outputs=2))(params)
 
     @jax.jit
     def step(params, layers, x):
         model = nnx.merge(graphdef, params)
         cos, sin = transformer.rope_tables(cfg, jnp.zeros((batch, 1), jnp.int32))
         for p in layers:
-            x, _ = transformer._layer(cfg, x, p, cos, sin, lambda q, k, v: (q, None))
-        return model.decode_logits(transformer.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)[:, 0])
+            x, _ = transformer._layer(cfg, x, p, cos, sin, lambda q, k, v: (q, None), cpu.OPS)
+        return cpu.decode_logits(model, transformer.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)[:, 0])
 
     x = jnp.ones((batch, 1, cfg.hidden_size), as_dtype(cfg.dtype))
     step(params, layers, x).block_until_ready()
@@ -159,7 +159,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     B, P, N, R = args.batch, args.prompt, args.new, args.repeats
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {B}, prompt {P}, new {N}, best of {R}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} (host CPU: {cpu_model()}); batch {B}, prompt {P}, new {N}, best of {R}")
     readings = []
 
     def read_bandwidth(when):

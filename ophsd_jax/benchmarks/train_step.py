@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ophsd_jax import parallel
-from ophsd_jax.benchmarks.common import emit, matmul_peak_flops
+from ophsd_jax.benchmarks.common import cpu_model, emit, matmul_peak_flops
 from ophsd_jax.distill.batch import build_pair_batch
 from ophsd_jax.distill.step import OptimConfig, StepConfig, TrainStep, init_train_state, make_optimizer
 from ophsd_jax.models import state as S
@@ -199,14 +199,18 @@ def main(argv=None):
                          "2 is faster than 1 on the CPU: each slice's per-layer activations stay closer to cache")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per side (after one warm-up step)")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="ours: compute dtype (fp32 master weights); MFU is then against that dtype's matmul peak")
     args = ap.parse_args(argv)
+    mm_dtype = jnp.dtype(args.dtype)
+    mm_n = 2048 if jax.devices()[0].platform == "cpu" else 8192
     B, R = args.batch, args.response
 
     # The machine is shared: a peak measured while something else runs comes out low and would
     # inflate MFU. So the peak is measured at the start and at the end, and the higher one is used.
-    peak_start = matmul_peak_flops()
+    peak_start = matmul_peak_flops(mm_n, mm_dtype)
 
-    cfg = ModelConfig.smollm2_135m()
+    cfg = ModelConfig.smollm2_135m(dtype=args.dtype)
     mesh = parallel.single_device_mesh()
     graphdef, params = S.init_params(cfg, mesh, seed=0)
     hf_tensors = weights.to_hf_tensors(cfg, params)  # host copies: ours donates `params`
@@ -246,10 +250,11 @@ def main(argv=None):
         print(f"first-step loss relative difference: {rel:.2e}")
         assert rel < 1e-3, f"losses disagree: ours {ours_loss} vs torch {torch_loss}"
 
-    peak_end = matmul_peak_flops()
+    peak_end = matmul_peak_flops(mm_n, mm_dtype)
     peak = max(peak_start, peak_end)
     mfu = flops / ours_t / peak
-    print(f"dense fp32 matmul peak (JAX, 2048^3 best of 5): start {peak_start / 1e9:.1f}, end {peak_end / 1e9:.1f} "
+    print(f"host CPU: {cpu_model()}; device: {jax.devices()[0].device_kind}")
+    print(f"dense {mm_dtype.name} matmul peak (JAX, {mm_n}^3 best of 5): start {peak_start / 1e9:.1f}, end {peak_end / 1e9:.1f} "
           f"-> {peak / 1e9:.1f} GFLOP/s  (jax {jax.__version__}, {jax.devices()[0].platform})")
     print(f"ours MFU = {flops / 1e12:.3f} TFLOP / {ours_t:.3f} s / {peak / 1e9:.1f} GFLOP/s = {mfu:.3f}")
     emit({"bench": "train_step", "ours_tok_s": round(ours_tok_s, 2),
@@ -257,7 +262,8 @@ def main(argv=None):
           "speedup": None if speedup is None else round(speedup, 3), "mfu": round(mfu, 4),
           "ours_step_s": round(ours_t, 3), "torch_step_s": None if torch_t is None else round(torch_t, 3),
           "peak_gflops": round(peak / 1e9, 1), "n_params": n_params, "micro_batches": step_cfg.micro_batches,
-          "batch": B, "student_tokens": Ls, "teacher_tokens": Lt, "response_tokens": R})
+          "batch": B, "dtype": args.dtype, "cpu": cpu_model(), "device": jax.devices()[0].device_kind,
+          "student_tokens": Ls, "teacher_tokens": Lt, "response_tokens": R})
 
 
 if __name__ == "__main__":

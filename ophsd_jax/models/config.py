@@ -57,6 +57,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     remat: bool = False  # rematerialise each layer in the backward pass
     attention: str = "auto"  # self-attention implementation (models/attention.py)
+    remat_policy: str = "nothing"  # with remat: what a layer keeps (transformer.REMAT_POLICIES)
 
     def __post_init__(self):
         if self.family not in FAMILY_TO_ARCHITECTURE:
@@ -67,6 +68,8 @@ class ModelConfig:
         from ophsd_jax.models.attention import IMPLS
         if self.attention not in IMPLS:
             raise ConfigError(f"attention must be one of {IMPLS}, got {self.attention!r}")
+        if self.remat_policy not in ("nothing", "dots", "attn_out", "qkv_attn_out"):
+            raise ConfigError(f"remat_policy must be nothing | dots | attn_out | qkv_attn_out, got {self.remat_policy!r}")
         if self.rope_scaling is not None:
             kind = dict(self.rope_scaling).get("rope_type", "default")
             if kind not in ("default", "llama3", "linear"):

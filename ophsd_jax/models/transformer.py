@@ -5,11 +5,9 @@ pass is a `lax.scan` over them: one compiled layer instead of N keeps compile ti
 flat in depth (30 layers for SmolLM2, 36 for Qwen3-8B). The forward returns final
 (normed) hidden states; `logits()` is separate so losses can project tile by tile.
 
-`forward_layers` is the same forward unrolled over per-layer weights and per-layer
-KV-cache buffers, for decoding on XLA:CPU. There, a scan over stacked weights copies
-every layer's weight slice out of the stack each step (the matmul library needs a
-plain buffer), which costs about as much as the matmuls themselves; see
-docs/benchmarks.md ("Sampler").
+This module is the math. Backend fast paths live elsewhere behind small interfaces:
+attention implementations in `models/attention.py`, XLA:CPU's layer pieces and its
+unrolled decode in `models/cpu.py` (chosen by `backend_ops()` and by the sampler).
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ophsd_jax.models import attention as attn_lib
 from ophsd_jax.models.config import ModelConfig, as_dtype
@@ -137,48 +136,11 @@ class Decoder(nnx.Module):
             return (x, kv), None
 
         if cfg.remat:
-            block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy])
         kv_in = None if cache is None else (cache.k, cache.v)
         (x, kv_out), _ = jax.lax.scan(block, (x, kv_in), (params, jnp.arange(cfg.num_layers)))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return x, None if cache is None else KVCache(*kv_out)
-
-    def layer_weights(self, split_outputs: int = 1) -> list[dict]:
-        """Each layer's weights as separate arrays (copies of the stacked slices).
-
-        split_outputs > 1 stores `wo` and `w_down` as a tuple of that many column blocks
-        (output features). For decoding on XLA:CPU: each of these two projections is a
-        lone matrix-vector product that one thread runs; as column blocks they are
-        independent products that both threads run at once.
-        """
-        names = layer_param_specs(self.config)
-        layers = [{name: getattr(self.layers, name)[...][i] for name in names} for i in range(self.config.num_layers)]
-        if split_outputs > 1:
-            for p in layers:
-                p["wo"], p["w_down"] = (tuple(jnp.array_split(p[n], split_outputs, axis=-1)) for n in ("wo", "w_down"))
-        return layers
-
-    def forward_layers(self, layers: list[dict], tokens, positions, attn_mask, cache: KVCache, cache_index):
-        """`__call__` with a per-layer cache, unrolled over `layer_weights()`.
-
-        Same arguments and math as `__call__` with a cache; `cache` holds per-layer lists
-        (`KVCache.zeros(..., per_layer=True)`).
-        """
-        cfg = self.config
-        x, mask, cos, sin = self._inputs(tokens, positions, attn_mask, cache, cache_index)
-        new_k, new_v = [], []
-        for p, ck, cv in zip(layers, cache.k, cache.v):
-
-            def attend(q, k, v, ck=ck, cv=cv):
-                ck, cv = _write_slots(ck, k, cache_index, keys=True), _write_slots(cv, v, cache_index)
-                return _cache_attention(q, k, v, mask, ck, cv, cache_index, attn_mask[:, :q.shape[1]],
-                                        cfg.attention), (ck, cv)
-
-            x, (ck, cv) = _layer(cfg, x, p, cos, sin, attend)
-            new_k.append(ck)
-            new_v.append(cv)
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        return x, KVCache(new_k, new_v)
 
     def _inputs(self, tokens, positions, attn_mask, cache, cache_index):
         """Embedded tokens, the attention mask, and RoPE tables."""
@@ -206,19 +168,6 @@ class Decoder(nnx.Module):
         """fp32 logits; call on a slice of hidden states to keep [tokens, vocab] small."""
         w = self.lm_head_weight().astype(hidden.dtype)
         return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
-
-    def decode_logits(self, hidden: jax.Array) -> jax.Array:
-        """fp32 logits [B, V] for a few rows hidden [B, D], for decoding on XLA:CPU.
-
-        With tied embeddings the [V, D] table is read row by row as a multiply-reduce,
-        which XLA:CPU runs ~1.4x faster than a dot against its transpose. The multiply
-        is fused into the reduction; do not use this on large batches or accelerators.
-        """
-        if not self.config.tie_word_embeddings:
-            return self.logits(hidden)
-        w = self.embed[...].astype(hidden.dtype)
-        prod = w[:, None, :].astype(jnp.float32) * hidden[None].astype(jnp.float32)
-        return jnp.sum(prod, axis=-1).T
 
 
 def _is_static_zero(index) -> bool:
@@ -275,12 +224,13 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, :, None] + rot * sin[:, :, None]).astype(x.dtype)
 
 
-def _layer(cfg: ModelConfig, x, p, cos, sin, attend):
+def _layer(cfg: ModelConfig, x, p, cos, sin, attend, ops=None):
     """One decoder layer. `attend(q, k, v) -> (out, state)` does attention (and any
-    cache update); q: [B,T,H,Dh], k, v: [B,T,K,Dh]."""
+    cache update); q: [B,T,H,Dh], k, v: [B,T,K,Dh]. `ops` supplies the output
+    projections and the MLP (default: the backend's, `backend_ops()`)."""
+    ops = ops or backend_ops()
     dt = x.dtype
-    # params live in param_dtype, math in compute dtype (tuples: column blocks, see layer_weights)
-    w = lambda name: jax.tree.map(lambda a: a.astype(dt), p[name])  # noqa: E731
+    w = lambda name: jax.tree.map(lambda a: a.astype(dt), p[name])  # noqa: E731 - params in param_dtype, math in dt
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, w("wq"))
     k = jnp.einsum("btd,dhk->bthk", h, w("wk"))
@@ -291,60 +241,55 @@ def _layer(cfg: ModelConfig, x, p, cos, sin, attend):
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
     attn, state = attend(q, k, v)
-    x = x + _dense("bthk,hkd->btd", attn, w("wo"))
+    x = x + ops.dense("bthk,hkd->btd", checkpoint_name(attn, "attn_out"), w("wo"))
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    if isinstance(p["w_down"], tuple):  # decoding (no gradient): output column blocks
-        act = jax.nn.silu(jnp.einsum("btd,df->btf", h, w("w_gate"))) * jnp.einsum("btd,df->btf", h, w("w_up"))
-        x = x + _dense("btf,fd->btd", act, w("w_down"))
-    else:
-        x = x + swiglu_mlp(h, w("w_gate"), w("w_up"), w("w_down"))
+    x = x + ops.mlp(h, w("w_gate"), w("w_up"), w("w_down"))
     x = constrain(x, ("batch", "seq", "act_embed"))
     return x, state
 
 
-def _dense(spec: str, x, w):
-    """einsum(spec, x, w); w may be a tuple of blocks of its last (output) axis."""
-    if isinstance(w, tuple):
-        return jnp.concatenate([jnp.einsum(spec, x, part) for part in w], axis=-1)
-    return jnp.einsum(spec, x, w)
+def swiglu(h, w_gate, w_up, w_down):
+    """(silu(h @ w_gate) * (h @ w_up)) @ w_down for h: [B,T,D]."""
+    act = jax.nn.silu(jnp.einsum("btd,df->btf", h, w_gate)) * jnp.einsum("btd,df->btf", h, w_up)
+    return jnp.einsum("btf,fd->btd", checkpoint_name(act, "mlp_act"), w_down)
 
 
-@jax.custom_vjp
-def swiglu_mlp(h, w_gate, w_up, w_down):
-    """(silu(h @ w_gate) * (h @ w_up)) @ w_down for h: [B,T,D].
+class Ops(NamedTuple):
+    """Backend-specific pieces of a layer: `dense(spec, x, w)` (an einsum) and `mlp`."""
 
-    The backward is written out: left to autodiff, XLA:CPU emits the gate and up
-    gradients transposed (for the weight-gradient matmuls), fused into the silu
-    derivative, which made that elementwise step cost more than the matmuls around it.
-    """
-    return _swiglu_fwd(h, w_gate, w_up, w_down)[0]
+    dense: object
+    mlp: object
 
 
-def _swiglu_fwd(h, w_gate, w_up, w_down):
-    gate = jnp.einsum("btd,df->btf", h, w_gate)
-    up = jnp.einsum("btd,df->btf", h, w_up)
-    out = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w_down)
-    return out, (h, gate, up, w_gate, w_up, w_down)
+CORE_OPS = Ops(dense=jnp.einsum, mlp=swiglu)
 
 
-def _swiglu_bwd(res, d_out):
-    h, gate, up, w_gate, w_up, w_down = res
-    sig = jax.nn.sigmoid(gate)
-    act = gate * sig  # silu(gate)
-    d_act = jnp.einsum("btd,fd->btf", d_out, w_down)
-    # as (d_out^T @ act)^T: XLA:CPU then transposes d_out (D wide), not act * up (F wide)
-    d_w_down = jnp.einsum("btd,btf->df", d_out, act * up).T
-    d_gate = d_act * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s(g) (1 + g (1 - s(g)))
-    d_up = d_act * act
-    d_w_gate = jnp.einsum("btd,btf->df", h, d_gate)
-    d_w_up = jnp.einsum("btd,btf->df", h, d_up)
-    d_h = jnp.einsum("btf,df->btd", d_gate, w_gate) + jnp.einsum("btf,df->btd", d_up, w_up)
-    return d_h, d_w_gate, d_w_up, d_w_down
+def backend_ops() -> Ops:
+    """XLA:CPU gets its own (models/cpu.py: a written-out MLP backward, projections in
+    column blocks for decoding); every other backend the plain math, which named remat
+    policies can see into."""
+    from ophsd_jax.parallel import active_mesh
+
+    mesh = active_mesh()
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if platform == "cpu":
+        from ophsd_jax.models import cpu
+
+        return cpu.OPS
+    return CORE_OPS
 
 
-swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
+# model.remat_policy: what a rematerialised layer keeps from its forward pass.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs
+    "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "qkv_attn_out": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out"),
+}
+
 
 
 def _grouped_attention(q, k, v, mask, keys_transposed: bool = False):

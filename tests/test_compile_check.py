@@ -1,0 +1,148 @@
+"""Deviceless compiles for a TPU slice and an 8-GPU node keep the training state sharded.
+
+A small Qwen3-shaped model's train step is compiled for a v5p-8-class TPU topology
+(4 chips) and a deviceless 8xH100 node (XLA's own compilers, no accelerator here); the
+test reads the compiled program's shardings and memory analysis. Needs the compile-only
+extras (requirements-compile.txt, installed by `scripts/setup.sh --test`).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ophsd_jax import parallel
+from ophsd_jax.config import base_config
+from ophsd_jax.distill.step import init_train_state, make_optimizer, OptimConfig
+
+cc = pytest.importorskip("ophsd_jax.compile_check")
+
+# Large enough that replicated fp32 copies (moments, gradients) dominate the compiled
+# temporaries; short sequences so activations stay small next to them.
+MODEL = dict(family="qwen3", vocab_size=32768, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=8,
+             num_kv_heads=4, head_dim=64, tie_word_embeddings=False)
+SEQ, RESP = 256, 128
+
+
+def small_config(batch, micro):
+    c = base_config()
+    c.model.source = "random"
+    c.model.random = MODEL
+    c.model.param_dtype, c.model.dtype, c.model.remat = "float32", "bfloat16", True
+    c.train.batch_size, c.distill.micro_batches = batch, micro
+    c.rollout.max_new_tokens = RESP
+    c.distill.student_buckets, c.distill.teacher_buckets, c.distill.response_buckets = (SEQ,), (SEQ,), (RESP,)
+    c.sampler.max_batch = batch
+    c.sampler.prompt_buckets, c.sampler.new_token_buckets = (128,), (RESP,)
+    c.eval.max_new_tokens = RESP
+    return c
+
+
+def _devices(name):
+    try:
+        return cc.target_devices(cc.TARGETS[name])
+    except RuntimeError as e:
+        pytest.fail(f"deviceless {name} topology unavailable: {e}")
+
+
+TARGETS = [("v5p-8", 8), ("8xH100", 16)]  # (target, batch): 2 rows per device, 2 micro-batches
+
+
+@pytest.fixture(scope="module", params=TARGETS, ids=[t for t, _ in TARGETS])
+def compiled_step(request):
+    name, batch = request.param
+    devices = _devices(name)
+    mesh = parallel.make_mesh(1, -1, 1, devices=devices)
+    c = small_config(batch, micro=2)
+    (train,) = [p for p in cc.run_programs(c, mesh) if p.name.startswith("train_step")]
+    compiled = train.lower().compile()
+    return name, mesh, c, compiled
+
+
+def _param_bytes(c):
+    from ophsd_jax.models import state as model_state
+
+    cfg = cc.model_config(c)
+    _, params = model_state.abstract_model(cfg)
+    return sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(params))  # fp32
+
+
+LARGE = 1 << 20  # leaves of at least 1 MiB must be split over the mesh
+
+
+def test_no_large_state_leaf_is_replicated(compiled_step):
+    name, mesh, c, compiled = compiled_step
+    state_sh = compiled.input_shardings[0][0]  # the shardings the compiled step takes its state in
+    from ophsd_jax import runtime
+
+    _, params = cc.abstract_params(cc.model_config(c), mesh)
+    state = init_train_state(params, runtime.optimizer(c), mesh)
+    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(state_sh)):
+        nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        if nbytes >= LARGE:
+            assert not sh.is_fully_replicated, f"{name}: {jax.tree_util.keystr(path)} {leaf.shape} is replicated"
+            shard = math.prod(sh.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+            assert shard * mesh.size == nbytes, f"{name}: {jax.tree_util.keystr(path)} not split evenly"
+
+
+def test_temp_memory_is_bounded_by_the_shapes(compiled_step):
+    """The gradient accumulator and the gradients are sharded: the step's temporaries stay
+    well below one unsharded fp32 copy of the params (a replicated accumulator alone is one).
+
+    Bound, per device: 4 sharded fp32 param-sized buffers (gradients, accumulator, Adam
+    update temporaries) + the loss's logits tiles (tile x vocab fp32, a few live) + the
+    activations of one micro-batch slice (rows x seq x width, generously 64 buffers)."""
+    name, mesh, c, compiled = compiled_step
+    n = mesh.size
+    full = _param_bytes(c)
+    rows = c.train.batch_size // c.distill.micro_batches // n
+    logits = 4 * c.distill.tile * MODEL["vocab_size"] * 4
+    acts = 64 * rows * SEQ * max(MODEL["intermediate_size"], MODEL["hidden_size"]) * 4
+    bound = 4 * full / n + logits + acts
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert bound < full, "the bound must be able to catch a replicated fp32 copy"
+    assert temp < bound, f"{name}: temp {temp / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
+
+
+def test_activations_are_sharded_over_the_batch(compiled_step):
+    """Every device computes only its rows: the per-device program holds the hidden states
+    of rows/n rows per micro-batch, never the whole micro-batch's."""
+    name, mesh, c, compiled = compiled_step
+    n = mesh.size
+    rows = c.train.batch_size // c.distill.micro_batches
+    hlo = compiled.as_text()
+    D = MODEL["hidden_size"]
+    assert f"[{rows // n},{SEQ},{D}]" in hlo, f"{name}: no per-device [{rows // n},{SEQ},{D}] activations"
+    assert f"[{rows},{SEQ},{D}]" not in hlo, f"{name}: a whole micro-batch's activations on one device"
+
+
+def test_micro_batch_rows_that_cannot_be_split_are_an_error():
+    mesh = parallel.make_mesh(1, -1, 1, devices=_devices("v5p-8"))
+    with pytest.raises(ValueError, match=r"micro_batches=4 .* use micro_batches in \[1, 2\]"):
+        cc.run_programs(small_config(8, micro=4), mesh)
+
+
+def test_optimizer_moments_take_the_params_shardings():
+    """On the 8 CPU devices of the test process: real arrays, the path a run takes."""
+    from ophsd_jax.models import state as model_state
+    from ophsd_jax.models.config import ModelConfig
+
+    mesh = parallel.make_mesh(1, -1, 1)
+    cfg = ModelConfig(**{**MODEL, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "head_dim": 16})
+    _, params = model_state.init_params(cfg, mesh)
+    state = init_train_state(params, make_optimizer(OptimConfig()), mesh)
+    params_specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    checked = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        key = jax.tree_util.keystr(path)
+        match = [k for k in params_specs if key.endswith(k)]
+        if match and x.ndim:
+            assert x.sharding.spec == params_specs[match[0]], key
+            checked += 1
+        else:
+            assert x.sharding.is_fully_replicated, key
+    assert checked == 2 * len(params_specs)  # Adam's mu and nu for every parameter
+    assert any(s != jax.sharding.PartitionSpec() for s in params_specs.values())
+    np.testing.assert_array_equal(np.asarray(state.step), 0)
