@@ -27,6 +27,9 @@ import os
 # Compile-only: never touch an accelerator (and never query a TPU VM's metadata server).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant to stop two processes sharing
+# chips; a deviceless compile holds no chips, so two checks (or a check and a test) may run.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -142,7 +145,8 @@ def model_config(c, preset: str | None = None):
     from ophsd_jax.models.config import ModelConfig
 
     m = c.model
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, remat_policy=m.remat_policy,
+              attention=m.attention)
     if preset or (m.source == "hf" and not m.path):
         name = preset or "qwen3-8b"
         presets = {"qwen3-8b": ModelConfig.qwen3_8b, "smollm2-135m": ModelConfig.smollm2_135m}

@@ -31,6 +31,9 @@ def base_config() -> mlc.ConfigDict:
     c.model.param_dtype = "float32"  # float32 | bfloat16
     c.model.dtype = "float32"  # compute dtype
     c.model.remat = False  # rematerialise each layer in the backward pass
+    # with remat, what a layer keeps for the backward: nothing (least memory) | dots (matmul
+    # outputs) | attn_out (the attention output: skips re-running attention) | qkv_attn_out
+    c.model.remat_policy = "nothing"
     # self-attention: auto (splash on TPU, Pallas flash on GPU, dense query blocks on CPU up
     # to 4k tokens, blockwise beyond) | dense | blockwise | splash | pallas_gpu
     c.model.attention = "auto"
@@ -136,6 +139,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "dense", "blockwise", "splash", "pallas_gpu"),
+    "model.remat_policy": ("nothing", "dots", "attn_out", "qkv_attn_out"),
     "task": ("math", "lawbench", "uspto"),
     "data.on_error": ("raise", "skip"),
     "harness.name": ("", "plan_solve", "draft_verify", "opsd"),

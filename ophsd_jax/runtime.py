@@ -34,7 +34,8 @@ def make_mesh(c: mlc.ConfigDict):
 def load_model(c: mlc.ConfigDict, mesh):
     """(model config, graphdef, params, tokenizer): the run's *initial* weights."""
     m = c.model
-    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, remat_policy=m.remat_policy,
+                     attention=m.attention)
     if m.source == "bundled":
         cfg, graphdef, params, tok = bundled.load_bundled(mesh, **overrides)
     elif m.source == "hf":

@@ -291,7 +291,6 @@ REMAT_POLICIES = {
 }
 
 
-
 def _grouped_attention(q, k, v, mask, keys_transposed: bool = False):
     return attn_lib.grouped_attention(q, k, v, mask, keys_transposed)
 
