@@ -2,7 +2,7 @@
 report whether each one fits in device memory.
 
     python -m ophsd_jax.compile_check --config configs/qwen3_8b_math.py --target v5p-64
-    python -m ophsd_jax.compile_check --config configs/qwen3_8b_math.py --target 8xH100 \
+    python -m ophsd_jax.compile_check --config configs/qwen3_8b_math.py --target 8xH100 \\
         --config.distill.micro_batches=4 --programs train,rollout
 
 Needs the compile-only extras (`pip install -r requirements-compile.txt`: libtpu for TPU
