@@ -1,4 +1,4 @@
-"""Paired teacher/student batches: alignment, buckets, truncation, skips, caps."""
+"""Paired teacher/student batches: alignment, buckets, prompt ids, truncation, skips, caps."""
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +104,36 @@ def test_teacher_prompt_is_left_truncated_never_the_response():
     assert b.teacher.tokens[0].tolist()[-len(response):] == response  # full, fills the bucket
     assert b.meta.teacher_truncated == 1 and b.meta.skipped == 0
     _check_row(b.student, b, 0, TOK.apply_chat_template(user("q")), response)
+
+
+class ThinkingTokenizer(CharTokenizer):
+    """Character ids with a Qwen3-style template: `enable_thinking=False` adds an empty
+    think block after the generation prompt."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        ids = super().apply_chat_template(messages, add_generation_prompt)
+        if add_generation_prompt and kwargs.get("enable_thinking", True) is False:
+            ids += [ord(c) for c in "<think>\n\n</think>\n\n"]
+        return ids
+
+
+def test_prompts_are_the_sampled_ids_or_rendered_with_the_template_kwargs():
+    tok, kwargs = ThinkingTokenizer(), {"enable_thinking": False}
+    students, teachers = [user("2+2?"), user("3+3?")], [user("2+2? plan"), user("3+3? plan")]
+    responses = [resp("4"), resp("6")]
+    # What the sampler conditioned on (e.g. from another renderer): used token for token.
+    sampled_student = [tok.apply_chat_template(students[0], **kwargs), [7, 8, 9]]
+    sampled_teacher = [None, tok.apply_chat_template(teachers[1], **kwargs)]
+    b = build_pair_batch(tok, students, teachers, responses, buckets=[64], student_prompt_ids=sampled_student,
+                         teacher_prompt_ids=sampled_teacher, template_kwargs=kwargs)
+    for i in range(2):
+        _check_row(b.student, b, i, sampled_student[i], responses[i])
+    # A teacher context never sampled is rendered as the sampler renders: with the kwargs.
+    _check_row(b.teacher, b, 0, tok.apply_chat_template(teachers[0], **kwargs), responses[0])
+    _check_row(b.teacher, b, 1, sampled_teacher[1], responses[1])
+    assert tok.apply_chat_template(teachers[0], **kwargs) != tok.apply_chat_template(teachers[0])
+    with pytest.raises(ValueError, match="1 student_prompt_ids"):
+        build_pair_batch(tok, students, teachers, responses, buckets=[64], student_prompt_ids=sampled_student[:1])
 
 
 def test_unbuildable_pairs_are_skipped_and_counted():

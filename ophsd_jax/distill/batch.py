@@ -1,8 +1,13 @@
 """Paired student/teacher batches that score the same response tokens.
 
-For each example the student sequence is ``chat(student_messages) + response``
-and the teacher sequence is ``chat(teacher_messages) + response``; both end
-with the identical response tokens. The loss compares the hidden states that
+For each example the student sequence is ``student prompt + response`` and the
+teacher sequence is ``teacher prompt + response``; both end with the identical
+response tokens. A prompt is the token ids the sampler conditioned on when it is
+given (the rollout's prompt ids for the student, the harness's last call's for
+the teacher); otherwise its messages are rendered with the same renderer and
+template kwargs (``model.chat_template_kwargs``) the sampler uses, e.g. for a
+teacher context that was never sampled. So the response is scored after exactly
+the prefix it was sampled after. The loss compares the hidden states that
 predict each response token, so each side carries a ``resp_index [B, R]``: the
 position whose next-token prediction is response token ``r``. Gathering the
 final hidden states at ``student.resp_index`` and at ``teacher.resp_index``
@@ -165,6 +170,12 @@ def _side(prompts: list[list[int]], responses: list[list[int]], length: int, r: 
     return SideBatch(tokens, positions, attn, resp_index)
 
 
+def render_prompt(tokenizer: Any, messages: list[dict], template_kwargs: Mapping | None = None) -> list[int]:
+    """Prompt ids as the sampler renders them (`sampling.generate_chat_tokens`)."""
+    return [int(x) for x in tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                          **dict(template_kwargs or {}))]
+
+
 def build_pair_batch(
     tokenizer: Any,
     student_messages: Sequence[list[dict]],
@@ -175,12 +186,15 @@ def build_pair_batch(
     max_response_tokens: int | None = None,
     batch_size: int | None = None,
     pad_id: int | None = None,
+    student_prompt_ids: Sequence[Sequence[int] | None] | None = None,
+    teacher_prompt_ids: Sequence[Sequence[int] | None] | None = None,
+    template_kwargs: Mapping | None = None,
 ) -> PairBatch:
     """Build a :class:`PairBatch` (see the module docstring for the rules).
 
     Args:
-      tokenizer: has ``apply_chat_template(messages, add_generation_prompt=True)
-        -> list[int]`` and ``pad_token_id``.
+      tokenizer: has ``apply_chat_template(messages, add_generation_prompt=True,
+        **template_kwargs) -> list[int]`` and ``pad_token_id``.
       student_messages, teacher_messages: chat messages per example.
       responses: the sampled response token ids per example (used as given,
         e.g. including a final stop token if the sampler returns it).
@@ -189,12 +203,19 @@ def build_pair_batch(
       max_response_tokens: optional cap on the response tokens used.
       batch_size: pad the batch with dummy rows to this many rows.
       pad_id: padding id; defaults to ``tokenizer.pad_token_id`` (or 0).
+      student_prompt_ids, teacher_prompt_ids: per example, the ids the sampler
+        conditioned on (used as given), or None to render that example's messages.
+      template_kwargs: the sampler's chat template kwargs, for rendering.
     """
-    if not len(student_messages) == len(teacher_messages) == len(responses):
-        raise ValueError(
-            f"got {len(student_messages)} student, {len(teacher_messages)} teacher "
-            f"and {len(responses)} responses"
-        )
+    n_in = len(responses)
+    lists = {"student": student_messages, "teacher": teacher_messages, "student_prompt_ids": student_prompt_ids,
+             "teacher_prompt_ids": teacher_prompt_ids}
+    if any(v is not None and len(v) != n_in for v in lists.values()):
+        raise ValueError(f"got {n_in} responses and " + ", ".join(
+            f"{len(v)} {k}" for k, v in lists.items() if v is not None))
+    student_prompt_ids = student_prompt_ids or [None] * n_in
+    teacher_prompt_ids = teacher_prompt_ids or [None] * n_in
+    render = lambda m: render_prompt(tokenizer, m, template_kwargs)  # noqa: E731
     bk = Buckets.make(buckets)
     if pad_id is None:
         pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -209,8 +230,8 @@ def build_pair_batch(
         if max_response_tokens is not None and len(y) > max_response_tokens:
             y = y[:max_response_tokens]
             capped += 1
-        sp = [int(x) for x in tokenizer.apply_chat_template(sm, add_generation_prompt=True)]
-        tp = [int(x) for x in tokenizer.apply_chat_template(tm, add_generation_prompt=True)]
+        sp = render(sm) if student_prompt_ids[i] is None else [int(x) for x in student_prompt_ids[i]]
+        tp = render(tm) if teacher_prompt_ids[i] is None else [int(x) for x in teacher_prompt_ids[i]]
         if not y:
             reason = "empty_response"
         elif not sp:
