@@ -60,7 +60,8 @@ def train(config, workdir: str) -> dict:
                                      max_response_tokens=c.distill.max_response_tokens or None,
                                      student_prompt_ids=rollout.prompt_tokens,
                                      teacher_prompt_ids=[r.teacher_prompt_ids for r in results],
-                                     template_kwargs=run.template_kwargs)
+                                     template_kwargs=run.template_kwargs, teacher_overflow=c.distill.teacher_overflow,
+                                     teacher_material=[r.teacher_material for r in results])
             harness_rewards = [task.reward(r.final_response, e) if r.final_response else np.nan
                                for r, e in zip(results, examples)]
             batch, weights, metrics = run.global_batch(batch, harness_rewards)  # all processes' rows

@@ -1,6 +1,7 @@
 """The teacher context as the distill step sees it: the harnesses report the token ids
-their last call was sampled after; the training loop scores the response after exactly
-the ids the sampler conditioned on (Qwen3-style template with enable_thinking)."""
+their last call was sampled after and their inserted material; the training loop scores
+the response after exactly the ids the sampler conditioned on (Qwen3-style template with
+enable_thinking); an over-long context is shortened in the harness material only."""
 
 import json
 import pathlib
@@ -9,7 +10,7 @@ import pytest
 
 from ophsd_jax.data.load_lawbench import load_lawbench
 from ophsd_jax.data.tasks import make_task
-from ophsd_jax.distill.batch import build_pair_batch
+from ophsd_jax.distill.batch import SHORTENED_MARKER, build_pair_batch
 from ophsd_jax.harnesses import make_harness
 from ophsd_jax.harnesses.draft_verify_prompts import TEXT
 from ophsd_jax.harnesses.plan_solve_prompts import PLANNER_SYSTEM, SOLVER_SYSTEM
@@ -41,12 +42,17 @@ class FakeModel:
         return Reply(texts, [fake_ids(m) for m in batch]) if self.with_ids else texts
 
 
-def check_result(r, last_call_messages):
+def check_result(r, last_call_messages, material_texts):
     assert r.teacher_messages == last_call_messages
     assert r.teacher_prompt_ids == fake_ids(last_call_messages)
+    if material_texts is None:
+        assert r.teacher_material is None
+    else:
+        assert r.teacher_material.texts == material_texts
+        assert r.teacher_material.rebuild(list(material_texts)) == r.teacher_messages
 
 
-def test_plan_solve_and_opsd_report_prompt_ids():
+def test_plan_solve_and_opsd_report_prompt_ids_and_material():
     task = make_task("math")
     plans = {"a": "1. Multiply twelve by twelve.", "b": ""}  # b: empty plan, solve_only
 
@@ -58,24 +64,26 @@ def test_plan_solve_and_opsd_report_prompt_ids():
     model = FakeModel(respond)
     results = make_harness("plan_solve", task, {"use_gt": True}).run(MATH, model)
     assert [r.mode for r in results] == ["plan_solve", "solve_only"]
-    check_result(results[0], model.calls[1][0])
+    check_result(results[0], model.calls[1][0], [plans["a"]])
     assert results[0].teacher_messages[0]["content"] == SOLVER_SYSTEM
-    check_result(results[1], model.calls[1][1])
+    check_result(results[1], model.calls[1][1], None)  # no plan: nothing inserted to shorten
 
     # A model that does not report prompt ids (a list of texts): None, rendered later.
     results = make_harness("plan_solve", task, {"use_gt": True}).run(MATH, FakeModel(respond, with_ids=False))
     assert [r.teacher_prompt_ids for r in results] == [None, None]
 
-    # OPSD: never sampled without `generate` (no ids).
+    # OPSD: never sampled without `generate` (no ids); the reference solution is the material.
     results = make_harness("opsd", task).run(MATH, FakeModel(respond))
-    assert [r.teacher_prompt_ids for r in results] == [None, None]
+    for r, e in zip(results, MATH):
+        assert r.teacher_prompt_ids is None and r.teacher_material.texts == [e["solution"]]
+        assert r.teacher_material.rebuild([e["solution"]]) == r.teacher_messages
     model = FakeModel(respond)
     results = make_harness("opsd", task, {"generate": True}).run(MATH, model)
-    for i in range(len(MATH)):
-        check_result(results[i], model.calls[0][i])
+    for i, e in enumerate(MATH):
+        check_result(results[i], model.calls[0][i], [e["solution"]])
 
 
-def test_draft_verify_reports_prompt_ids():
+def test_draft_verify_reports_prompt_ids_and_neighbours_as_material():
     law, _ = load_lawbench(FIXTURES / "lawbench_small.json")
     task = make_task("lawbench")
     config = {"cold_start_threshold": 10, "draft_k": 3, "confirm_k": 2, "challenge_k": 2, "max_example_chars": 50}
@@ -83,16 +91,66 @@ def test_draft_verify_reports_prompt_ids():
     model = FakeModel(lambda m: "[罪名]盗窃<eoa>")
     cold = harness.run(law[:2], model)
     for i, r in enumerate(cold):
-        check_result(r, model.calls[0][i])  # the student's own prompt
+        check_result(r, model.calls[0][i], None)  # the student's own prompt
 
     harness.observe(law[:11])
     queries = law[11:13]
     model = FakeModel(lambda m: "我无法判断。" if queries[1]["fact"] in m[1]["content"] else "[罪名]盗窃<eoa>")
     results = harness.run(queries, model)
     assert [r.mode for r in results] == ["full", "draft_only"]
-    check_result(results[0], model.calls[1][0])
-    check_result(results[1], model.calls[0][1])
+    bank_text = dict(zip(harness.bank.ids, harness.bank.texts))
+
+    def clipped(ids):
+        return [t[:50].rstrip() + "…" if len(t) > 50 else t for t in (bank_text[i].strip() for i in ids)]
+
+    info = results[0].info
+    check_result(results[0], model.calls[1][0], clipped(info["confirm_ids"] + info["challenge_ids"]))
+    check_result(results[1], model.calls[0][1], clipped(results[1].info["draft_ids"]))
     assert results[0].teacher_messages[0]["content"] == TEXT["zh"]["verify_system"]
+
+
+class CharTokenizer:
+    pad_token_id = 0
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        text = "".join(f"<{m['role']}>{m['content']}|" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        return [ord(c) for c in text]
+
+
+def decode(ids):
+    return "".join(map(chr, ids))
+
+
+def test_over_long_harness_contexts_are_shortened_in_their_material_only():
+    tok = CharTokenizer()
+    task = make_task("math")
+    long_plan = "1. Write twelve as ten plus two and multiply each part. " * 8
+
+    def respond(m):
+        return long_plan if m[0]["content"] == PLANNER_SYSTEM else "\\boxed{144}"
+
+    results = make_harness("plan_solve", task, {"use_gt": True}).run(MATH[:1], FakeModel(respond, with_ids=False))
+    full = decode(tok.apply_chat_template(results[0].teacher_messages))
+    response = [ord(c) for c in "12*12 = 144"]
+    buckets = {"student": [128], "teacher": [len(full) - 100], "response": [16]}
+    students = [task.student_messages(MATH[0])]
+
+    b = build_pair_batch(tok, students, [r.teacher_messages for r in results], [response], buckets=buckets)
+    assert b.meta.num_valid == 0 and b.meta.skip_reasons["teacher_too_long"] == 1  # default: skip
+
+    b = build_pair_batch(tok, students, [r.teacher_messages for r in results], [response], buckets=buckets,
+                         teacher_overflow="shorten", teacher_material=[r.teacher_material for r in results])
+    assert b.meta.num_valid == 1 and b.meta.teacher_shortened == 1
+    n = int(b.teacher.attn_mask[0].sum())
+    assert n <= buckets["teacher"][0] and decode(b.teacher.tokens[0, n - len(response):n]) == decode(response)
+    text = decode(b.teacher.tokens[0, :n - len(response)])
+    # Everything but the plan is intact: system prompt, problem, answer hint, instruction, template.
+    head, tail = full.split("Plan:\n", 1)[0], full.split(long_plan.strip(), 1)[1]
+    kept_plan = text[len(head) + len("Plan:\n"):len(text) - len(tail)]
+    assert text.startswith(head + "Plan:\n") and text.endswith(tail)
+    assert SOLVER_SYSTEM in head and MATH[0]["question"] in head and "144" in tail
+    assert kept_plan.endswith(SHORTENED_MARKER) and long_plan.startswith(kept_plan[:-len(SHORTENED_MARKER)])
+    assert len(kept_plan) > 0.5 * len(long_plan) - 100
 
 
 # ---- the training loop, with a Qwen3-style chat template ---------------------------------

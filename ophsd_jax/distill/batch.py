@@ -27,16 +27,21 @@ Layout and rules:
 * An optional ``max_response_tokens`` keeps only the first tokens of each
   response (later tokens cannot influence earlier predictions, so the
   sequences simply stop there).
-* Teacher prompts that do not fit the largest teacher bucket are
-  left-truncated: the tail of the prompt (the harness context nearest the
-  response) is kept and the head, including the start of the chat template,
-  is lost. The response is never truncated to fit.
+* A teacher ``prompt + response`` longer than the largest teacher bucket is never
+  cut in its problem or chat structure, nor in its response
+  (``teacher_overflow``): ``"skip"`` skips the pair (reason ``teacher_too_long``);
+  ``"shorten"`` cuts only the harness's inserted material (plan, reference
+  solution, retrieved examples: the result's ``TeacherMaterial``), each piece to
+  at most the same number of characters followed by :data:`SHORTENED_MARKER`,
+  keeping as much as fits; a pair without material, or that does not fit even
+  with the material cut away, is skipped as ``teacher_too_long``.
 * Examples that cannot be built are skipped and counted by reason, never
   silently misaligned: an empty response, an empty student or teacher prompt,
   a response longer than the largest response bucket, a student
   ``prompt + response`` longer than the largest student bucket (the student
-  prompt is what the student sampled from, so it is not truncated), or a
-  response that leaves no room for a single teacher prompt token.
+  prompt is what the student sampled from, so it is not truncated), a
+  response that leaves no room for a single teacher prompt token, or an
+  over-long teacher context (above).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -56,7 +61,10 @@ SKIP_REASONS = (
     "response_too_long",
     "student_too_long",
     "teacher_no_room",
+    "teacher_too_long",
 )
+TEACHER_OVERFLOW = ("skip", "shorten")
+SHORTENED_MARKER = " […]"  # ends a piece of harness material cut to fit the teacher bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +116,7 @@ class BatchMeta:
     num_examples: int
     num_valid: int
     skip_reasons: dict[str, int]
-    teacher_truncated: int  # teacher prompts that were left-truncated
+    teacher_shortened: int  # teacher contexts whose harness material was cut to fit
     response_capped: int  # responses shortened by max_response_tokens
     kept: tuple[int, ...]  # input index of each valid row, in row order
 
@@ -120,7 +128,7 @@ class BatchMeta:
         out = {
             f"{prefix}skipped": self.skipped,
             f"{prefix}valid": self.num_valid,
-            f"{prefix}teacher_truncated": self.teacher_truncated,
+            f"{prefix}teacher_shortened": self.teacher_shortened,
             f"{prefix}response_capped": self.response_capped,
         }
         out.update({f"{prefix}skipped_{k}": v for k, v in self.skip_reasons.items()})
@@ -176,6 +184,36 @@ def render_prompt(tokenizer: Any, messages: list[dict], template_kwargs: Mapping
                                                           **dict(template_kwargs or {}))]
 
 
+def shorten_teacher_prompt(render: Callable[[list[dict]], list[int]], material: Any, room: int) -> list[int] | None:
+    """The teacher prompt with its harness material cut to fit in ``room`` tokens.
+
+    ``material`` has ``texts`` and ``rebuild(texts) -> messages`` (a
+    ``harnesses.base.TeacherMaterial``). Every piece longer than a cap C characters
+    keeps its first C characters and gets :data:`SHORTENED_MARKER`; C is the
+    largest that fits (binary search; each try renders the whole prompt, so the
+    result always fits). None when even C = 0 does not fit.
+    """
+    texts = list(material.texts)
+    if not texts:
+        return None
+
+    def build(cap: int) -> list[int]:
+        return render(material.rebuild([t if len(t) <= cap else t[:cap].rstrip() + SHORTENED_MARKER for t in texts]))
+
+    best = build(0)
+    if len(best) > room:
+        return None
+    lo, hi = 0, max(len(t) for t in texts)  # build(lo) fits; build(hi), the full context, does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ids = build(mid)
+        if len(ids) <= room:
+            lo, best = mid, ids
+        else:
+            hi = mid
+    return best
+
+
 def build_pair_batch(
     tokenizer: Any,
     student_messages: Sequence[list[dict]],
@@ -189,6 +227,8 @@ def build_pair_batch(
     student_prompt_ids: Sequence[Sequence[int] | None] | None = None,
     teacher_prompt_ids: Sequence[Sequence[int] | None] | None = None,
     template_kwargs: Mapping | None = None,
+    teacher_overflow: str = "skip",
+    teacher_material: Sequence[Any] | None = None,
 ) -> PairBatch:
     """Build a :class:`PairBatch` (see the module docstring for the rules).
 
@@ -206,15 +246,21 @@ def build_pair_batch(
       student_prompt_ids, teacher_prompt_ids: per example, the ids the sampler
         conditioned on (used as given), or None to render that example's messages.
       template_kwargs: the sampler's chat template kwargs, for rendering.
+      teacher_overflow: ``"skip"`` or ``"shorten"`` (module docstring).
+      teacher_material: per example, the harness material of the teacher
+        context (``TeacherMaterial`` or None), for ``"shorten"``.
     """
     n_in = len(responses)
     lists = {"student": student_messages, "teacher": teacher_messages, "student_prompt_ids": student_prompt_ids,
-             "teacher_prompt_ids": teacher_prompt_ids}
+             "teacher_prompt_ids": teacher_prompt_ids, "teacher_material": teacher_material}
     if any(v is not None and len(v) != n_in for v in lists.values()):
         raise ValueError(f"got {n_in} responses and " + ", ".join(
             f"{len(v)} {k}" for k, v in lists.items() if v is not None))
+    if teacher_overflow not in TEACHER_OVERFLOW:
+        raise ValueError(f"teacher_overflow must be one of {list(TEACHER_OVERFLOW)}, got {teacher_overflow!r}")
     student_prompt_ids = student_prompt_ids or [None] * n_in
     teacher_prompt_ids = teacher_prompt_ids or [None] * n_in
+    teacher_material = teacher_material or [None] * n_in
     render = lambda m: render_prompt(tokenizer, m, template_kwargs)  # noqa: E731
     bk = Buckets.make(buckets)
     if pad_id is None:
@@ -223,7 +269,7 @@ def build_pair_batch(
     max_s, max_t, max_r = bk.student[-1], bk.teacher[-1], bk.response[-1]
 
     skips = collections.Counter()
-    truncated = capped = 0
+    shortened = capped = 0
     kept, s_prompts, t_prompts, resps = [], [], [], []
     for i, (sm, tm, y) in enumerate(zip(student_messages, teacher_messages, responses)):
         y = [int(x) for x in y]
@@ -246,13 +292,17 @@ def build_pair_batch(
             reason = "teacher_no_room"
         else:
             reason = None
+        room = max_t - len(y)
+        if reason is None and len(tp) > room:  # never cut the problem, template or response
+            material = teacher_material[i] if teacher_overflow == "shorten" else None
+            tp = shorten_teacher_prompt(render, material, room) if material is not None else None
+            if tp is None:
+                reason = "teacher_too_long"
+            else:
+                shortened += 1
         if reason:
             skips[reason] += 1
             continue
-        room = max_t - len(y)
-        if len(tp) > room:
-            tp = tp[-room:]  # keep the tail: the context nearest the response
-            truncated += 1
         kept.append(i)
         s_prompts.append(sp)
         t_prompts.append(tp)
@@ -278,7 +328,7 @@ def build_pair_batch(
         num_examples=len(responses),
         num_valid=n,
         skip_reasons={k: skips.get(k, 0) for k in SKIP_REASONS},
-        teacher_truncated=truncated,
+        teacher_shortened=shortened,
         response_capped=capped,
         kept=tuple(kept),
     )

@@ -15,7 +15,9 @@ them. Every phase is one `generate_chat` call for the whole batch.
 
 The teacher scores the student's response after the harness's last prompt, so a
 result carries that prompt's token ids when the model reported them (the distill
-step then needs no re-rendering).
+step then needs no re-rendering), and the harness's own inserted material (plan,
+reference solution, retrieved examples) separately, so that an over-long teacher
+context can be shortened in that material only (`distill.teacher_overflow`).
 
 Multi-process rule: each process runs the harness on its own share of the
 batch, and every `generate_chat` call is collective. So the number and order
@@ -36,6 +38,19 @@ class HarnessError(RuntimeError):
 
 
 @dataclasses.dataclass
+class TeacherMaterial:
+    """The harness's own inserted texts in a teacher context, and how to rebuild it.
+
+    `rebuild(texts)` returns the teacher messages with `texts` (same length and order)
+    in place of `self.texts`; `rebuild(self.texts)` is the teacher context itself. The
+    problem, the instructions and the chat structure are never part of `texts`.
+    """
+
+    texts: list[str]
+    rebuild: Callable[[list[str]], list[dict]]
+
+
+@dataclasses.dataclass
 class HarnessResult:
     """One example's harness output.
 
@@ -48,6 +63,8 @@ class HarnessResult:
                          teacher_messages), or None when no call was made or the model
                          did not report them; then the trainer renders teacher_messages
                          with the sampler's renderer and template kwargs.
+    teacher_material:    the inserted material of teacher_messages, or None when there is
+                         none (e.g. a zero-shot cold-start prompt).
     """
 
     teacher_messages: list[dict]
@@ -56,6 +73,7 @@ class HarnessResult:
     trace: list[dict]
     info: dict = dataclasses.field(default_factory=dict)
     teacher_prompt_ids: list[int] | None = None
+    teacher_material: TeacherMaterial | None = None
 
 
 class Harness(Protocol):

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 from ophsd_jax.harnesses import draft_verify_prompts as prompts
-from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, call_model, config_from, prompt_ids_at,
-                                     trace_entry)
+from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
+                                     prompt_ids_at, trace_entry)
 from ophsd_jax.harnesses.embedders import make_embedder
 from ophsd_jax.harnesses.memory_bank import MemoryBank
 
@@ -115,21 +115,26 @@ class DraftVerifyHarness:
             trace = [trace_entry("draft", draft_msgs[i], drafts[i])]
             info = {"draft_labels": draft_labels[i], "draft_ids": [h.id for h in draft_hits[i]]}
             if i not in verified:
+                material = _material(lambda hits, mc, e=examples[i]: prompts.draft_messages(task, e, hits, mc),
+                                     draft_hits[i], max_chars)
                 results.append(HarnessResult(draft_msgs[i], drafts[i], "draft_only", trace, info,
-                                             prompt_ids_at(draft, i)))
+                                             prompt_ids_at(draft, i), material))
                 continue
             j = verified[i]
             trace.append(trace_entry("verify", verify_msgs[j], verdicts[j]))
             info["confirm_ids"] = [h.id for h in confirm[j]]
             info["challenge_ids"] = [h.id for h in challenge[j]]
+            n = len(confirm[j])
+            material = _material(lambda hits, mc, e=examples[i], labels=draft_labels[i], n=n: prompts.verify_messages(
+                task, e, labels, hits[:n], hits[n:], mc), confirm[j] + challenge[j], max_chars)
             results.append(HarnessResult(verify_msgs[j], verdicts[j], "full", trace, info,
-                                         prompt_ids_at(verify, j)))
+                                         prompt_ids_at(verify, j), material))
         return results
 
     def _cold_start(self, examples, generate_chat) -> list[HarnessResult]:
         msgs = [self.task.student_messages(e) for e in examples]
         replies = call_model(generate_chat, self.name, "cold_start", msgs, self.config, self.config.draft_max_tokens)
-        return [
+        return [  # the student's own prompt: no inserted material
             HarnessResult(m, r, "cold_start", [trace_entry("cold_start", m, r)],
                           teacher_prompt_ids=prompt_ids_at(replies, i))
             for i, (m, r) in enumerate(zip(msgs, replies.texts))
@@ -140,3 +145,12 @@ class DraftVerifyHarness:
 
     def load_state_dict(self, state: dict) -> None:
         self.bank = MemoryBank.from_state_dict(state["bank"])
+
+
+def _material(build, hits, max_chars) -> TeacherMaterial | None:
+    """The retrieved neighbours' texts as the prompt shows them (clipped), and how to
+    rebuild the prompt `build(hits, max_chars)` with other texts for them."""
+    if not hits:
+        return None
+    texts = [prompts.clip(h.text, max_chars) for h in hits]
+    return TeacherMaterial(texts, lambda t: build([dataclasses.replace(h, text=x) for h, x in zip(hits, t)], None))

@@ -17,8 +17,8 @@ import dataclasses
 
 from ophsd_jax.data.parsing import strip_boxed_instruction, strip_thinking
 from ophsd_jax.harnesses import plan_solve_prompts as prompts
-from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, call_model, config_from, prompt_ids_at,
-                                     trace_entry)
+from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
+                                     prompt_ids_at, trace_entry)
 
 
 @dataclasses.dataclass
@@ -67,6 +67,10 @@ class PlanSolveHarness:
                 trace=trace,
                 info={"plan": clean_plans[i]},
                 teacher_prompt_ids=prompt_ids_at(solve, i),
+                # The plan is the inserted material (the answer hint is a few tokens).
+                teacher_material=TeacherMaterial(
+                    [clean_plans[i]], lambda t, p=problems[i], a=refs[i][0]: prompts.solve_messages(p, t[0], a),
+                ) if clean_plans[i] else None,
             ))
         return results
 
