@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, NamedTuple, Protocol
 
-GenerateChat = Callable[..., list]
+GenerateChat = Callable[..., object]  # list[str], or an object with .texts and .prompt_tokens
 
 
 class HarnessError(RuntimeError):
