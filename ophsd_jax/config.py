@@ -89,6 +89,12 @@ def base_config() -> mlc.ConfigDict:
     c.distill.keep_fraction = 1.0  # < 1: entropy-weighted token subsampling
     c.distill.reward_weight_beta = 0.0  # > 0: per-sample weights softmax(harness reward / beta) * n
     c.distill.max_response_tokens = 0  # cap on response tokens in the loss (0 = all)
+    # A teacher context + response longer than the largest teacher bucket: skip (the pair
+    # is skipped and counted, batch/skipped_teacher_too_long) | shorten (cut only the
+    # harness's inserted material - plan, reference solution, retrieved examples - each
+    # piece ending in a " […]" marker; counted in batch/teacher_shortened). The problem and
+    # the chat template are never cut.
+    c.distill.teacher_overflow = "skip"
     c.distill.student_buckets = (256, 512, 1024, 2048, 4096)
     c.distill.teacher_buckets = (512, 1024, 2048, 4096, 8192, 12288)
     c.distill.response_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -145,6 +151,7 @@ _CHOICES = {
     "harness.name": ("", "plan_solve", "draft_verify", "opsd"),
     "distill.kind": ("reverse_kl", "forward_kl", "jsd"),
     "distill.teacher": ("initial", "current"),
+    "distill.teacher_overflow": ("skip", "shorten"),
     "optim.schedule": ("constant", "warmup_cosine"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints",

@@ -327,8 +327,10 @@ def generate_chat_tokens(sampler: Sampler, tokenizer, params, conversations: Seq
 
 
 def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
-                       template_kwargs: dict | None = None, record: list | None = None) -> Callable[..., list[str]]:
-    """A `generate_chat(conversations, **sampling) -> texts` callable bound to `params`.
+                       template_kwargs: dict | None = None, record: list | None = None) -> Callable[..., ChatOutput]:
+    """A `generate_chat(conversations, **sampling) -> ChatOutput` callable bound to `params`
+    (the harness protocol, harnesses/base.py: `.texts`, and `.prompt_tokens`, the ids each
+    reply was sampled after, which the teacher context is then scored in).
 
     Each call draws a fresh key (fold_in of a call counter). If `record` is a list, each
     call appends its ChatOutput (for logging token counts).
@@ -336,7 +338,7 @@ def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, d
     calls = [0]
 
     def generate_chat(conversations, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                      max_new_tokens: int | None = None) -> list[str]:
+                      max_new_tokens: int | None = None) -> ChatOutput:
         key = jax.random.fold_in(rng, calls[0])
         calls[0] += 1
         out = generate_chat_tokens(sampler, tokenizer, params, conversations,
@@ -344,6 +346,6 @@ def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, d
                                    temperature=temperature, top_k=top_k, top_p=top_p, template_kwargs=template_kwargs)
         if record is not None:
             record.append(out)
-        return out.texts
+        return out
 
     return generate_chat

@@ -54,9 +54,14 @@ def train(config, workdir: str) -> dict:
                                                template_kwargs=run.template_kwargs)
             results = run.harness.run(examples, generate_chat)
         with run.timer("update"):  # 3. score y under both contexts, one jitted step
+            # Scored after exactly the ids the sampler conditioned on (rollout, harness's last call).
             batch = build_pair_batch(tok, student_msgs, [r.teacher_messages for r in results], rollout.tokens,
                                      buckets=run.buckets, batch_size=len(examples),
-                                     max_response_tokens=c.distill.max_response_tokens or None)
+                                     max_response_tokens=c.distill.max_response_tokens or None,
+                                     student_prompt_ids=rollout.prompt_tokens,
+                                     teacher_prompt_ids=[r.teacher_prompt_ids for r in results],
+                                     template_kwargs=run.template_kwargs, teacher_overflow=c.distill.teacher_overflow,
+                                     teacher_material=[r.teacher_material for r in results])
             harness_rewards = [task.reward(r.final_response, e) if r.final_response else np.nan
                                for r, e in zip(results, examples)]
             batch, weights, metrics = run.global_batch(batch, harness_rewards)  # all processes' rows

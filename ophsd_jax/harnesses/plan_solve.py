@@ -17,7 +17,8 @@ import dataclasses
 
 from ophsd_jax.data.parsing import strip_boxed_instruction, strip_thinking
 from ophsd_jax.harnesses import plan_solve_prompts as prompts
-from ophsd_jax.harnesses.base import HarnessResult, SamplingConfig, call_model, config_from, trace_entry
+from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
+                                     prompt_ids_at, trace_entry)
 
 
 @dataclasses.dataclass
@@ -46,14 +47,15 @@ class PlanSolveHarness:
         refs = [self._references(e) for e in examples]
 
         plan_msgs = [prompts.plan_messages(p, solution) for p, (_, solution) in zip(problems, refs)]
-        plans = call_model(generate_chat, self.name, "plan", plan_msgs, cfg, cfg.plan_max_tokens)
+        plans = call_model(generate_chat, self.name, "plan", plan_msgs, cfg, cfg.plan_max_tokens).texts
         clean_plans = [strip_thinking(p) for p in plans]
 
         solve_msgs = [
             prompts.solve_messages(p, plan, answer) if plan else prompts.solve_only_messages(p, answer)
             for p, plan, (answer, _) in zip(problems, clean_plans, refs)
         ]
-        solves = call_model(generate_chat, self.name, "solve", solve_msgs, cfg, cfg.solve_max_tokens)
+        solve = call_model(generate_chat, self.name, "solve", solve_msgs, cfg, cfg.solve_max_tokens)
+        solves = solve.texts
 
         results = []
         for i in range(len(examples)):
@@ -64,6 +66,11 @@ class PlanSolveHarness:
                 mode="plan_solve" if clean_plans[i] else "solve_only",
                 trace=trace,
                 info={"plan": clean_plans[i]},
+                teacher_prompt_ids=prompt_ids_at(solve, i),
+                # The plan is the inserted material (the answer hint is a few tokens).
+                teacher_material=TeacherMaterial(
+                    [clean_plans[i]], lambda t, p=problems[i], a=refs[i][0]: prompts.solve_messages(p, t[0], a),
+                ) if clean_plans[i] else None,
             ))
         return results
 
