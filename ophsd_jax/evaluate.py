@@ -54,10 +54,13 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
         gen = make_generate_chat(sampler, tokenizer, params, jax.random.fold_in(rng, 1),
                                  template_kwargs=template_kwargs)
         results = harness.run(list(examples), gen)
+        bank = getattr(harness, "bank", None)  # retrieval harnesses: the bank it retrieved from
         for rec, res, e in zip(records, results, examples):
             rec["harness_response"] = res.final_response
             rec["harness_mode"] = res.mode
             rec["harness_reward"] = float(task.reward(res.final_response, e)) if res.final_response else None
+            if bank is not None:
+                rec["harness_bank_size"] = len(bank)
     if gather is not None:
         records = gather(records)
     summary = {f"eval/avg@{k}": _mean([r for rec in records for r in rec["rewards"]]),
@@ -66,6 +69,8 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
                "eval/examples": len(records)}
     if harness is not None:
         summary["eval/harness_acc"] = _mean([rec["harness_reward"] for rec in records])
+        if bank is not None:
+            summary["eval/harness_bank_size"] = len(bank)
     return summary, records
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger("ophsd_jax.train")
 class Run:
     _stop_requested = False  # set by the signal handler, on this process only
     _stopping = False  # agreed by all processes at the end of each step
+    _eval_harness = None  # the harness re-attached at evaluation, made at the first one
 
     @classmethod
     def request_stop(cls, signum=None, frame=None):
@@ -221,8 +222,10 @@ class Run:
         if self.share[1] > 1:
             gather = lambda records: [r for p in parallel.allgather_json(records) for r in p]  # noqa: E731
         harness = None
-        if c.eval.harness:
-            harness = runtime.make_eval_harness(c, self.data, self.harness)
+        if c.eval.harness:  # built once: its bank (Draft–Verify) is the fixed training split
+            if self._eval_harness is None:
+                self._eval_harness = runtime.make_eval_harness(c, self.data, self.harness)
+            harness = self._eval_harness
         summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.state.params,
                                     task=self.data.task, harness=harness,
                                     examples=[ev[i] for i in range(part.start, part.stop)], eval_cfg=c.eval,
@@ -230,8 +233,8 @@ class Run:
                                     template_kwargs=self.template_kwargs, first_index=part.start, gather=gather)
         if jax.process_index() == 0:
             write_eval(self.workdir, step, summary, records)
-        log.info("eval @ step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in summary.items()
-                                                        if isinstance(v, float)))
+        log.info("eval @ step %d: %s", step, ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in summary.items()))
         if hasattr(self, "evals"):
             self.evals[step] = summary
         return summary
@@ -271,8 +274,8 @@ def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pa
 
 
 def _summary_table(evals: dict[int, dict], timing: dict) -> str:
-    keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/") and "tokens" not in k
-                   and "examples" not in k})
+    keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/")
+                   and not any(w in k for w in ("tokens", "examples", "bank_size"))})
     lines = ["", "step  " + "  ".join(f"{k[5:]:>12}" for k in keys)]
     for step in sorted(evals):
         lines.append(f"{step:>4}  " + "  ".join(f"{evals[step].get(k, float('nan')):>12.3f}" for k in keys))
