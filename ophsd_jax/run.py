@@ -158,17 +158,18 @@ class Run:
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
         task = self.data.task
-        per_example = {"rewards": [float(task.reward(t, e)) for t, e in zip(rollout.texts, examples)],
-                       "tokens": [len(t) for t in rollout.tokens], "modes": [r.mode for r in results],
-                       "harness": [float(r) for r in harness_rewards]}
+        # NaN where nothing was sampled (the prompt did not fit the sampler; counted in batch/skipped_*)
+        per_example = {"rewards": [float(task.reward(t, e)) if t is not None else np.nan
+                                   for t, e in zip(rollout.texts, examples)],
+                       "tokens": [np.nan if s else len(t) for t, s in zip(rollout.tokens, rollout.skipped)],
+                       "modes": [r.mode for r in results], "harness": [float(r) for r in harness_rewards]}
         if self.share[1] > 1:  # every process's examples, so that process 0 logs whole-batch numbers
             parts = parallel.allgather_json(per_example)
             per_example = {k: [x for p in parts for x in p[k]] for k in per_example}
-        rewards, harness_rewards = per_example["rewards"], per_example["harness"]
         modes = collections.Counter(per_example["modes"])
-        out = {"rollout/reward": float(np.mean(rewards)),
-               "rollout/response_tokens": float(np.mean(per_example["tokens"])),
-               "harness/reward": float(np.nanmean(harness_rewards)) if not np.all(np.isnan(harness_rewards)) else float("nan"),
+        out = {"rollout/reward": _nanmean(per_example["rewards"]),
+               "rollout/response_tokens": _nanmean(per_example["tokens"]),
+               "harness/reward": _nanmean(per_example["harness"]),
                "lr": float(self.lr(step)),
                **{f"harness/mode_{m}": n for m, n in modes.items()}}
         bank = getattr(self.harness, "bank", None)
@@ -258,6 +259,11 @@ class Run:
         return summary
 
 
+def _nanmean(xs) -> float:
+    xs = np.asarray(xs, np.float64)
+    return float(np.nanmean(xs)) if xs.size and not np.all(np.isnan(xs)) else float("nan")
+
+
 def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pad_id: int) -> PairBatch:
     """Right-pad a paired batch to longer (agreed) lengths: the arrays `build_pair_batch`
     makes with those buckets (padding: pad_id tokens, position 0, masks 0)."""
@@ -275,7 +281,7 @@ def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pa
 
 def _summary_table(evals: dict[int, dict], timing: dict) -> str:
     keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/")
-                   and not any(w in k for w in ("tokens", "examples", "bank_size"))})
+                   and not any(w in k for w in ("tokens", "examples", "bank_size", "unscored"))})
     lines = ["", "step  " + "  ".join(f"{k[5:]:>12}" for k in keys)]
     for step in sorted(evals):
         lines.append(f"{step:>4}  " + "  ".join(f"{evals[step].get(k, float('nan')):>12.3f}" for k in keys))

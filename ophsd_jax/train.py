@@ -54,8 +54,10 @@ def train(config, workdir: str) -> dict:
                                                template_kwargs=run.template_kwargs)
             results = run.harness.run(examples, generate_chat)
         with run.timer("update"):  # 3. score y under both contexts, one jitted step
+            skip = ["rollout_prompt_too_long" if s else "harness_prompt_too_long" if r.skipped else None
+                    for s, r in zip(rollout.skipped, results)]  # prompts longer than the sampler takes
             batch = build_pair_batch(tok, student_msgs, [r.teacher_messages for r in results], rollout.tokens,
-                                     buckets=run.buckets, batch_size=len(examples),
+                                     buckets=run.buckets, batch_size=len(examples), skip=skip,
                                      max_response_tokens=c.distill.max_response_tokens or None)
             harness_rewards = [task.reward(r.final_response, e) if r.final_response else np.nan
                                for r, e in zip(results, examples)]

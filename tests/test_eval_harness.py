@@ -2,8 +2,8 @@
 labelled training split (never an evaluation example), whatever the training run's online
 bank holds, `seed_bank_from_train=True` works, and the bank size is reported.
 
-The model is a scripted fake behind the real chat helper (`generate_chat_tokens`): a
-byte-level tokenizer and a sampler that answers every prompt with a fixed text."""
+The model is a scripted fake behind the real chat helper (tests/fake_model.py) that
+answers every prompt with the same text."""
 
 import pathlib
 
@@ -16,43 +16,11 @@ from ophsd_jax.config import base_config
 from ophsd_jax.data.load_lawbench import load_lawbench
 from ophsd_jax.data.tasks import make_task
 from ophsd_jax.evaluate import evaluate
-from ophsd_jax.sampling import SampleOutput
+from fake_model import ByteTokenizer, ScriptedSampler
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 OPTIONS = {"cold_start_threshold": 10, "draft_k": 3, "confirm_k": 2, "challenge_k": 2,
            "draft_max_tokens": 64, "verify_max_tokens": 64}
-
-
-class ByteTokenizer:
-    """Token id = UTF-8 byte + 2 (0: pad, 1: stop)."""
-
-    pad_token_id = 0
-    stop_token_ids = (1,)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" * add_generation_prompt)
-        return [b + 2 for b in text.encode()]
-
-    def encode(self, text):
-        return [b + 2 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i - 2 for i in ids).decode(errors="replace")
-
-
-class ScriptedSampler:
-    """`Sampler.generate` with a fixed answer; records the prompts of every call."""
-
-    prompt_buckets = (1 << 20,)
-
-    def __init__(self, answer):
-        self.answer, self.calls = answer, []
-
-    def generate(self, params, prompts, *, max_new_tokens, rng, **kwargs):
-        self.calls.append([list(p) for p in prompts])
-        tokens = [ByteTokenizer().encode(self.answer)[:max_new_tokens] for _ in prompts]
-        return SampleOutput(tokens, np.array([len(t) for t in tokens], np.int32),
-                            [np.zeros(len(t), np.float32) for t in tokens])
 
 
 @pytest.fixture

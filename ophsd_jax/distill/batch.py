@@ -31,7 +31,9 @@ Layout and rules:
   a response longer than the largest response bucket, a student
   ``prompt + response`` longer than the largest student bucket (the student
   prompt is what the student sampled from, so it is not truncated), or a
-  response that leaves no room for a single teacher prompt token.
+  response that leaves no room for a single teacher prompt token. The caller
+  adds its own reasons (``skip``): a rollout or harness prompt longer than the
+  sampler's largest prompt bucket, which left nothing to pair.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ import jax
 import numpy as np
 
 SKIP_REASONS = (
+    "rollout_prompt_too_long",  # decided by the caller (`skip`): the sampler could not take the prompt
+    "harness_prompt_too_long",  # decided by the caller: a harness call's prompt did not fit the sampler
     "empty_response",
     "empty_student_prompt",
     "empty_teacher_prompt",
@@ -175,6 +179,7 @@ def build_pair_batch(
     max_response_tokens: int | None = None,
     batch_size: int | None = None,
     pad_id: int | None = None,
+    skip: Sequence[str | None] | None = None,
 ) -> PairBatch:
     """Build a :class:`PairBatch` (see the module docstring for the rules).
 
@@ -189,6 +194,8 @@ def build_pair_batch(
       max_response_tokens: optional cap on the response tokens used.
       batch_size: pad the batch with dummy rows to this many rows.
       pad_id: padding id; defaults to ``tokenizer.pad_token_id`` (or 0).
+      skip: per example, None or a reason (in ``SKIP_REASONS``) to skip it, counted
+        with the builder's own skips.
     """
     if not len(student_messages) == len(teacher_messages) == len(responses):
         raise ValueError(
@@ -200,11 +207,17 @@ def build_pair_batch(
         pad_id = getattr(tokenizer, "pad_token_id", None)
         pad_id = 0 if pad_id is None else int(pad_id)
     max_s, max_t, max_r = bk.student[-1], bk.teacher[-1], bk.response[-1]
+    skip = [None] * len(responses) if skip is None else list(skip)
+    if len(skip) != len(responses) or any(r is not None and r not in SKIP_REASONS for r in skip):
+        raise ValueError(f"skip: need one reason in {SKIP_REASONS} or None per example, got {skip}")
 
     skips = collections.Counter()
     truncated = capped = 0
     kept, s_prompts, t_prompts, resps = [], [], [], []
     for i, (sm, tm, y) in enumerate(zip(student_messages, teacher_messages, responses)):
+        if skip[i]:
+            skips[skip[i]] += 1
+            continue
         y = [int(x) for x in y]
         if max_response_tokens is not None and len(y) > max_response_tokens:
             y = y[:max_response_tokens]

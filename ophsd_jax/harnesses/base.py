@@ -7,9 +7,12 @@ A harness is an object with
     state_dict() / load_state_dict() # for checkpoints (empty when stateless)
 
 `generate_chat(list_of_message_lists, *, temperature, top_p, top_k,
-max_new_tokens) -> list[str]` is the sampler's batched chat call. Harnesses
+max_new_tokens) -> list[str | None]` is the sampler's batched chat call. Harnesses
 never touch the model otherwise, which is why a scripted fake model can test
-them. Every phase is one `generate_chat` call for the whole batch.
+them. Every phase is one `generate_chat` call for the whole batch. A reply is
+None where the prompt is longer than the sampler's largest prompt bucket
+(nothing was generated): that example leaves the later phases and its result
+is `skipped_result(phase, ...)` (mode `skipped_<phase>`, no teacher context).
 
 Multi-process rule: each process runs the harness on its own share of the
 batch, and every `generate_chat` call is collective. So the number and order
@@ -29,6 +32,9 @@ class HarnessError(RuntimeError):
     pass
 
 
+SKIPPED = "skipped_"  # mode prefix of skipped results; the phase follows
+
+
 @dataclasses.dataclass
 class HarnessResult:
     """One example's harness output.
@@ -45,6 +51,16 @@ class HarnessResult:
     mode: str
     trace: list[dict]
     info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def skipped(self) -> bool:
+        """A call's prompt did not fit the sampler: no teacher context, no answer."""
+        return self.mode.startswith(SKIPPED)
+
+
+def skipped_result(phase: str, messages: list[dict], trace: list[dict]) -> HarnessResult:
+    """The result of an example whose `phase` call got None (its prompt did not fit)."""
+    return HarnessResult(messages, "", SKIPPED + phase, trace, {"skipped_phase": phase})
 
 
 class Harness(Protocol):
@@ -76,7 +92,8 @@ def call_model(
     sampling: SamplingConfig,
     max_new_tokens: int,
 ) -> list[str]:
-    """One batched call for a phase; checks the reply has one string per conversation.
+    """One batched call for a phase; checks the reply has one string (or None: the prompt
+    did not fit the sampler) per conversation.
 
     Called even with no conversations: in a multi-process run `generate_chat` is a
     collective call that every process must make, also one whose share is empty.
@@ -94,8 +111,8 @@ def call_model(
             f"{harness}/{phase}: generate_chat returned {len(responses)} responses for {len(message_lists)} prompts"
         )
     for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise HarnessError(f"{harness}/{phase}: response {i} is {type(r).__name__}, expected str")
+        if r is not None and not isinstance(r, str):
+            raise HarnessError(f"{harness}/{phase}: response {i} is {type(r).__name__}, expected str or None")
     return responses
 
 

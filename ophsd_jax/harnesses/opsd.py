@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ophsd_jax.harnesses.base import HarnessResult, SamplingConfig, call_model, config_from, trace_entry
+from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, call_model, config_from, skipped_result,
+                                     trace_entry)
 
 
 @dataclasses.dataclass
@@ -52,7 +53,8 @@ class OPSDHarness:
         if self.config.generate:
             responses = call_model(generate_chat, self.name, "solve", contexts, self.config, self.config.max_tokens)
         return [
-            HarnessResult(
+            skipped_result("solve", ctx, [trace_entry("solve", ctx, resp)]) if resp is None  # did not fit
+            else HarnessResult(
                 teacher_messages=ctx,
                 final_response=resp,
                 mode=mode,
