@@ -101,7 +101,8 @@ def main(argv):
     from ophsd_jax import train
 
     summary = train.run_cli(lambda: train.evaluate_workdir(FLAGS.workdir, step=FLAGS.step,
-                                                           num_examples=FLAGS.num_examples, k=FLAGS.k))
+                                                           num_examples=FLAGS.num_examples, k=FLAGS.k),
+                            FLAGS.workdir, command="evaluate")
     print(json.dumps(summary))
 
 
