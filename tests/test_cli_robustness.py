@@ -11,22 +11,28 @@ import pytest
 from test_trainer import cli, read_metrics, train_args
 
 
-def test_prompts_longer_than_the_sampler_takes_are_skipped_and_counted(tmp_path):
-    """sampler.prompt_buckets=(128,): the tiny run's student prompts (65-95 tokens) fit,
-    its training planner prompts (reference solution included, > 180 tokens) do not."""
+@pytest.mark.parametrize("limit", [128, 64])
+def test_prompts_longer_than_the_sampler_takes_are_skipped_and_counted(tmp_path, limit):
+    """sampler.prompt_buckets=(limit,). The tiny run's student prompts are 65-95 tokens
+    and its training planner prompts (reference solution included) over 180: with 128
+    every example is skipped at the plan call, with 64 already at the rollout; evaluation
+    scores what fits and counts the rest."""
     workdir = tmp_path / "long"
-    cli("ophsd_jax.train", *train_args(workdir, "--config.sampler.prompt_buckets=(128,)", "--config.train.steps=2",
-                                       "--config.train.eval_every=2"))
+    cli("ophsd_jax.train", *train_args(workdir, f"--config.sampler.prompt_buckets=({limit},)",
+                                       "--config.train.steps=2", "--config.train.eval_every=2"))
     rows = read_metrics(workdir)
     assert [r["step"] for r in rows] == [1, 2]
-    for r in rows:  # batch_size=2: both examples of every step skipped at the plan call, no update
-        assert r["batch/skipped_harness_prompt_too_long"] == r["harness/mode_skipped_plan"] == 2
-        assert r["batch/skipped_rollout_prompt_too_long"] == 0 and r["batch/valid"] == 0 and "loss" not in r
-        assert r["rollout/response_tokens"] > 0
+    phase = "harness" if limit == 128 else "rollout"
+    for r in rows:  # batch_size=2: both examples of every step skipped, so no update
+        assert r[f"batch/skipped_{phase}_prompt_too_long"] == r["batch/skipped"] == 2
+        assert r["harness/mode_skipped_plan"] == 2 and r["batch/valid"] == 0 and "loss" not in r
+        assert (r["rollout/response_tokens"] > 0) if phase == "harness" else r["rollout/response_tokens"] == "nan"
     for step in (0, 2):
         summary = json.load(open(os.path.join(workdir, "eval", f"step_{step}_summary.json")))
         records = [json.loads(line) for line in open(os.path.join(workdir, "eval", f"step_{step}.jsonl"))]
-        assert summary["eval/unscored"] == 0 and summary["eval/examples"] == len(records) == 2
+        assert summary["eval/examples"] == len(records) == 2
+        assert summary["eval/unscored"] == (0 if phase == "harness" else 2)
+        assert summary["eval/unscored"] == sum(r.get("unscored") == "prompt_too_long" for r in records)
         unscored = [r for r in records if r["harness_mode"].startswith("skipped_")]
         assert summary["eval/harness_unscored"] == len(unscored) >= 1
         assert all(r["harness_reward"] is None for r in unscored)
