@@ -11,12 +11,12 @@ import jax
 import numpy as np
 import pytest
 
+from fake_model import ByteTokenizer, ScriptedSampler
 from ophsd_jax import runtime
 from ophsd_jax.config import base_config
 from ophsd_jax.data.load_lawbench import load_lawbench
 from ophsd_jax.data.tasks import make_task
 from ophsd_jax.evaluate import evaluate
-from fake_model import ByteTokenizer, ScriptedSampler
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 OPTIONS = {"cold_start_threshold": 10, "draft_k": 3, "confirm_k": 2, "challenge_k": 2,
