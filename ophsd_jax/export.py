@@ -46,7 +46,8 @@ def main(argv):
     from ophsd_jax.train import run_cli
 
     FLAGS = flags.FLAGS
-    run_cli(lambda: print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype)))
+    run_cli(lambda: print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype)), FLAGS.workdir,
+            command="export")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ log = logging.getLogger("ophsd_jax.train")
 class Run:
     _stop_requested = False  # set by the signal handler, on this process only
     _stopping = False  # agreed by all processes at the end of each step
+    _eval_harness = None  # the harness re-attached at evaluation, made at the first one
 
     @classmethod
     def request_stop(cls, signum=None, frame=None):
@@ -157,17 +158,18 @@ class Run:
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
         task = self.data.task
-        per_example = {"rewards": [float(task.reward(t, e)) for t, e in zip(rollout.texts, examples)],
-                       "tokens": [len(t) for t in rollout.tokens], "modes": [r.mode for r in results],
-                       "harness": [float(r) for r in harness_rewards]}
+        # NaN where nothing was sampled (the prompt did not fit the sampler; counted in batch/skipped_*)
+        per_example = {"rewards": [float(task.reward(t, e)) if t is not None else np.nan
+                                   for t, e in zip(rollout.texts, examples)],
+                       "tokens": [np.nan if s else len(t) for t, s in zip(rollout.tokens, rollout.skipped)],
+                       "modes": [r.mode for r in results], "harness": [float(r) for r in harness_rewards]}
         if self.share[1] > 1:  # every process's examples, so that process 0 logs whole-batch numbers
             parts = parallel.allgather_json(per_example)
             per_example = {k: [x for p in parts for x in p[k]] for k in per_example}
-        rewards, harness_rewards = per_example["rewards"], per_example["harness"]
         modes = collections.Counter(per_example["modes"])
-        out = {"rollout/reward": float(np.mean(rewards)),
-               "rollout/response_tokens": float(np.mean(per_example["tokens"])),
-               "harness/reward": float(np.nanmean(harness_rewards)) if not np.all(np.isnan(harness_rewards)) else float("nan"),
+        out = {"rollout/reward": _nanmean(per_example["rewards"]),
+               "rollout/response_tokens": _nanmean(per_example["tokens"]),
+               "harness/reward": _nanmean(per_example["harness"]),
                "lr": float(self.lr(step)),
                **{f"harness/mode_{m}": n for m, n in modes.items()}}
         bank = getattr(self.harness, "bank", None)
@@ -221,8 +223,10 @@ class Run:
         if self.share[1] > 1:
             gather = lambda records: [r for p in parallel.allgather_json(records) for r in p]  # noqa: E731
         harness = None
-        if c.eval.harness:
-            harness = runtime.make_eval_harness(c, self.data, self.harness)
+        if c.eval.harness:  # built once: its bank (Draft–Verify) is the fixed training split
+            if self._eval_harness is None:
+                self._eval_harness = runtime.make_eval_harness(c, self.data, self.harness)
+            harness = self._eval_harness
         summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.state.params,
                                     task=self.data.task, harness=harness,
                                     examples=[ev[i] for i in range(part.start, part.stop)], eval_cfg=c.eval,
@@ -230,8 +234,8 @@ class Run:
                                     template_kwargs=self.template_kwargs, first_index=part.start, gather=gather)
         if jax.process_index() == 0:
             write_eval(self.workdir, step, summary, records)
-        log.info("eval @ step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in summary.items()
-                                                        if isinstance(v, float)))
+        log.info("eval @ step %d: %s", step, ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in summary.items()))
         if hasattr(self, "evals"):
             self.evals[step] = summary
         return summary
@@ -255,6 +259,11 @@ class Run:
         return summary
 
 
+def _nanmean(xs) -> float:
+    xs = np.asarray(xs, np.float64)
+    return float(np.nanmean(xs)) if xs.size and not np.all(np.isnan(xs)) else float("nan")
+
+
 def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pad_id: int) -> PairBatch:
     """Right-pad a paired batch to longer (agreed) lengths: the arrays `build_pair_batch`
     makes with those buckets (padding: pad_id tokens, position 0, masks 0)."""
@@ -271,8 +280,8 @@ def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pa
 
 
 def _summary_table(evals: dict[int, dict], timing: dict) -> str:
-    keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/") and "tokens" not in k
-                   and "examples" not in k})
+    keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/")
+                   and not any(w in k for w in ("tokens", "examples", "bank_size", "unscored"))})
     lines = ["", "step  " + "  ".join(f"{k[5:]:>12}" for k in keys)]
     for step in sorted(evals):
         lines.append(f"{step:>4}  " + "  ".join(f"{evals[step].get(k, float('nan')):>12.3f}" for k in keys))

@@ -41,7 +41,9 @@ Layout and rules:
   ``prompt + response`` longer than the largest student bucket (the student
   prompt is what the student sampled from, so it is not truncated), a
   response that leaves no room for a single teacher prompt token, or an
-  over-long teacher context (above).
+  over-long teacher context (above). The caller adds its own reasons
+  (``skip``): a rollout or harness prompt longer than the sampler's largest
+  prompt bucket, which left nothing to pair.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ import jax
 import numpy as np
 
 SKIP_REASONS = (
+    "rollout_prompt_too_long",  # decided by the caller (`skip`): the sampler could not take the prompt
+    "harness_prompt_too_long",  # decided by the caller: a harness call's prompt did not fit the sampler
     "empty_response",
     "empty_student_prompt",
     "empty_teacher_prompt",
@@ -229,6 +233,7 @@ def build_pair_batch(
     template_kwargs: Mapping | None = None,
     teacher_overflow: str = "skip",
     teacher_material: Sequence[Any] | None = None,
+    skip: Sequence[str | None] | None = None,
 ) -> PairBatch:
     """Build a :class:`PairBatch` (see the module docstring for the rules).
 
@@ -249,6 +254,8 @@ def build_pair_batch(
       teacher_overflow: ``"skip"`` or ``"shorten"`` (module docstring).
       teacher_material: per example, the harness material of the teacher
         context (``TeacherMaterial`` or None), for ``"shorten"``.
+      skip: per example, None or a reason (in ``SKIP_REASONS``) to skip it, counted
+        with the builder's own skips.
     """
     n_in = len(responses)
     lists = {"student": student_messages, "teacher": teacher_messages, "student_prompt_ids": student_prompt_ids,
@@ -267,11 +274,17 @@ def build_pair_batch(
         pad_id = getattr(tokenizer, "pad_token_id", None)
         pad_id = 0 if pad_id is None else int(pad_id)
     max_s, max_t, max_r = bk.student[-1], bk.teacher[-1], bk.response[-1]
+    skip = [None] * len(responses) if skip is None else list(skip)
+    if len(skip) != len(responses) or any(r is not None and r not in SKIP_REASONS for r in skip):
+        raise ValueError(f"skip: need one reason in {SKIP_REASONS} or None per example, got {skip}")
 
     skips = collections.Counter()
     shortened = capped = 0
     kept, s_prompts, t_prompts, resps = [], [], [], []
     for i, (sm, tm, y) in enumerate(zip(student_messages, teacher_messages, responses)):
+        if skip[i]:
+            skips[skip[i]] += 1
+            continue
         y = [int(x) for x in y]
         if max_response_tokens is not None and len(y) > max_response_tokens:
             y = y[:max_response_tokens]

@@ -11,7 +11,10 @@ max_new_tokens)` is the sampler's batched chat call: it returns the texts, eithe
 as a list of strings or as an object with `.texts` and `.prompt_tokens` (the
 sampler's `ChatOutput`: the token ids each reply was sampled after). Harnesses
 never touch the model otherwise, which is why a scripted fake model can test
-them. Every phase is one `generate_chat` call for the whole batch.
+them. Every phase is one `generate_chat` call for the whole batch. A reply is
+None where the prompt is longer than the sampler's largest prompt bucket
+(nothing was generated): that example leaves the later phases and its result
+is `skipped_result(phase, ...)` (mode `skipped_<phase>`, no teacher context).
 
 The teacher scores the student's response after the harness's last prompt, so a
 result carries that prompt's token ids when the model reported them (the distill
@@ -35,6 +38,9 @@ GenerateChat = Callable[..., object]  # list[str], or an object with .texts and 
 
 class HarnessError(RuntimeError):
     pass
+
+
+SKIPPED = "skipped_"  # mode prefix of skipped results; the phase follows
 
 
 @dataclasses.dataclass
@@ -75,6 +81,16 @@ class HarnessResult:
     teacher_prompt_ids: list[int] | None = None
     teacher_material: TeacherMaterial | None = None
 
+    @property
+    def skipped(self) -> bool:
+        """A call's prompt did not fit the sampler: no teacher context, no answer."""
+        return self.mode.startswith(SKIPPED)
+
+
+def skipped_result(phase: str, messages: list[dict], trace: list[dict]) -> HarnessResult:
+    """The result of an example whose `phase` call got None (its prompt did not fit)."""
+    return HarnessResult(messages, "", SKIPPED + phase, trace, {"skipped_phase": phase})
+
 
 class Harness(Protocol):
     name: str
@@ -110,7 +126,8 @@ def call_model(
     sampling: SamplingConfig,
     max_new_tokens: int,
 ) -> Replies:
-    """One batched call for a phase; checks the reply has one string per conversation.
+    """One batched call for a phase; checks the reply has one string (or None: the prompt
+    did not fit the sampler) per conversation.
 
     Called even with no conversations: in a multi-process run `generate_chat` is a
     collective call that every process must make, also one whose share is empty.
@@ -129,8 +146,8 @@ def call_model(
             f"{harness}/{phase}: generate_chat returned {len(responses)} responses for {len(message_lists)} prompts"
         )
     for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise HarnessError(f"{harness}/{phase}: response {i} is {type(r).__name__}, expected str")
+        if r is not None and not isinstance(r, str):
+            raise HarnessError(f"{harness}/{phase}: response {i} is {type(r).__name__}, expected str or None")
     if prompt_ids is not None:
         prompt_ids = [[int(x) for x in p] for p in prompt_ids]
         if len(prompt_ids) != len(message_lists):

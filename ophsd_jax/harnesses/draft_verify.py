@@ -8,6 +8,8 @@
 - Verify: the `confirm_k` nearest cases sharing a draft label and the
   `challenge_k` nearest cases sharing none, and a request to keep or revise
   the draft (mode `full`); its messages are the teacher context.
+- A call whose prompt did not fit the sampler skips the example (mode
+  `skipped_<phase>`, no teacher context).
 
 Every phase is one batched `generate_chat` call. The bank never sees a
 batch's labels before the batch is answered: `observe(examples)` (after the
@@ -21,7 +23,7 @@ import dataclasses
 
 from ophsd_jax.harnesses import draft_verify_prompts as prompts
 from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
-                                     prompt_ids_at, trace_entry)
+                                     prompt_ids_at, skipped_result, trace_entry)
 from ophsd_jax.harnesses.embedders import make_embedder
 from ophsd_jax.harnesses.memory_bank import MemoryBank
 
@@ -91,7 +93,7 @@ class DraftVerifyHarness:
         draft_msgs = [prompts.draft_messages(task, e, h, max_chars) for e, h in zip(examples, draft_hits)]
         draft = call_model(generate_chat, self.name, "draft", draft_msgs, cfg, cfg.draft_max_tokens)
         drafts = draft.texts
-        draft_labels = [task.parse_labels(d) for d in drafts]
+        draft_labels = [task.parse_labels(d) if d is not None else [] for d in drafts]  # None: did not fit
 
         todo = [i for i, labels in enumerate(draft_labels) if labels]
         confirm = self.bank.search(
@@ -113,6 +115,9 @@ class DraftVerifyHarness:
         verified = dict(zip(todo, range(len(todo))))
         for i in range(len(examples)):
             trace = [trace_entry("draft", draft_msgs[i], drafts[i])]
+            if drafts[i] is None:
+                results.append(skipped_result("draft", draft_msgs[i], trace))
+                continue
             info = {"draft_labels": draft_labels[i], "draft_ids": [h.id for h in draft_hits[i]]}
             if i not in verified:
                 material = _material(lambda hits, mc, e=examples[i]: prompts.draft_messages(task, e, hits, mc),
@@ -122,6 +127,9 @@ class DraftVerifyHarness:
                 continue
             j = verified[i]
             trace.append(trace_entry("verify", verify_msgs[j], verdicts[j]))
+            if verdicts[j] is None:
+                results.append(skipped_result("verify", verify_msgs[j], trace))
+                continue
             info["confirm_ids"] = [h.id for h in confirm[j]]
             info["challenge_ids"] = [h.id for h in challenge[j]]
             n = len(confirm[j])
@@ -136,7 +144,8 @@ class DraftVerifyHarness:
         replies = call_model(generate_chat, self.name, "cold_start", msgs, self.config, self.config.draft_max_tokens)
         return [  # the student's own prompt: no inserted material
             HarnessResult(m, r, "cold_start", [trace_entry("cold_start", m, r)],
-                          teacher_prompt_ids=prompt_ids_at(replies, i))
+                          teacher_prompt_ids=prompt_ids_at(replies, i)) if r is not None
+            else skipped_result("cold_start", m, [trace_entry("cold_start", m, r)])
             for i, (m, r) in enumerate(zip(msgs, replies.texts))
         ]
 

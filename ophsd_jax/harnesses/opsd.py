@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
-                                     prompt_ids_at, trace_entry)
+                                     prompt_ids_at, skipped_result, trace_entry)
 
 
 @dataclasses.dataclass
@@ -59,7 +59,8 @@ class OPSDHarness:
             replies = call_model(generate_chat, self.name, "solve", contexts, self.config, self.config.max_tokens)
             responses = replies.texts
         return [
-            HarnessResult(
+            skipped_result("solve", ctx, [trace_entry("solve", ctx, resp)]) if resp is None  # did not fit
+            else HarnessResult(
                 teacher_messages=ctx,
                 final_response=resp,
                 mode=mode,
