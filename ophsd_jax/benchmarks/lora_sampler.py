@@ -77,7 +77,8 @@ def main():
                       "merge_s": round(t_merge, 4), "generate_merged_s": round(t_generate, 3),
                       "decode_step_merged_ms": round(1e3 * t_merged, 2),
                       "decode_step_on_the_fly_ms": round(1e3 * t_fly, 2),
-                      "merge_equals_decode_steps": round(t_merge / max(t_fly - t_merged, 1e-9), 1)}))
+                      # decode steps after which merging once pays off (None: on the fly is no slower)
+                      "merge_pays_off_after_steps": round(t_merge / (t_fly - t_merged), 1) if t_fly > t_merged else None}))
 
 
 if __name__ == "__main__":
