@@ -49,6 +49,16 @@ def base_config() -> mlc.ConfigDict:
     c.model.chat_template_kwargs = mlc.ConfigDict()  # e.g. enable_thinking=False for Qwen3
     c.model.chat_template_kwargs.enable_thinking = False
 
+    # ---- LoRA (models/lora.py) ----------------------------------------------------------
+    # rank > 0: train low-rank adapters only (gradients and Adam moments for them alone);
+    # the base weights stay frozen in model.param_dtype. distill.teacher="initial" is then
+    # the base with the adapter off (no second copy), "current" base + adapter (no grad).
+    c.lora = mlc.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank
+    c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get an adapter
+    c.lora.dtype = "float32"  # the adapter's dtype (float32 | bfloat16)
+
     # ---- devices ----------------------------------------------------------------------
     c.mesh = mlc.ConfigDict()
     c.mesh.data = 1
@@ -145,6 +155,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "dense", "blockwise", "splash", "pallas_gpu"),
+    "lora.dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("nothing", "dots", "attn_out", "qkv_attn_out"),
     "task": ("math", "lawbench", "uspto"),
     "data.on_error": ("raise", "skip"),
@@ -224,5 +235,13 @@ def validate(c: mlc.ConfigDict) -> None:
             bad(key, "must be a non-empty increasing tuple of positive lengths")
     if c.rollout.max_new_tokens > c.distill.response_buckets[-1]:
         bad("rollout.max_new_tokens", f"exceeds the largest response bucket {c.distill.response_buckets[-1]}")
+    if not isinstance(c.lora.rank, int) or c.lora.rank < 0:
+        bad("lora.rank", "must be an integer >= 0 (0 = full fine-tuning)")
+    if c.lora.rank and not c.lora.alpha > 0:
+        bad("lora.alpha", "must be > 0")
+    lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
+    if c.lora.rank and (isinstance(c.lora.targets, str) or not c.lora.targets
+                        or any(t not in lora_targets for t in c.lora.targets)):
+        bad("lora.targets", f"must be a non-empty tuple of {list(lora_targets)}")
     if c.data.train.get("kind") is None:
         bad("data.train", "needs a 'kind'")

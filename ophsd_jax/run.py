@@ -24,6 +24,7 @@ from ophsd_jax.distill.step import (TrainStep, init_train_state, learning_rate_s
                                    OptimConfig)
 from ophsd_jax.evaluate import evaluate, write_eval
 from ophsd_jax.metrics import MetricsWriter, PhaseTimer, progress_bar
+from ophsd_jax.models import lora as lora_lib
 
 log = logging.getLogger("ophsd_jax.train")
 
@@ -65,10 +66,12 @@ class Run:
         self.rng = jax.random.key(c.seed)
         self.optimizer = runtime.optimizer(c)
         # "initial": a frozen copy of the starting weights (reloaded from the source on resume).
-        # Kept in the compute dtype: it is only ever read by bf16/fp32 forward passes.
-        self.teacher_params = (jax.tree.map(lambda x: x.astype(self.model_cfg.dtype) + 0, params)
-                               if c.distill.teacher == "initial" else None)
-        self.state = init_train_state(params, self.optimizer, self.mesh)
+        # LoRA: the state trains the adapter; the base weights (reloaded likewise) are the
+        # step's second argument, and the sampler gets base + adapter merged once per step.
+        self.lora = runtime.lora_config(c)
+        trained, self.teacher_params = runtime.trainable_params(c, self.model_cfg, params, self.mesh)
+        self._merge = lora_lib.make_merge(params) if self.lora else None
+        self.state = init_train_state(trained, self.optimizer, self.mesh)
         self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                       async_save=c.train.async_checkpoints)
@@ -77,7 +80,8 @@ class Run:
         if for_eval:
             return self
         runtime.save_config(c, workdir)
-        self.train_step = TrainStep(self.graphdef, runtime.step_config(c, self.mesh), self.optimizer, self.mesh, self.state)
+        self.train_step = TrainStep(self.graphdef, runtime.step_config(c, self.mesh), self.optimizer, self.mesh,
+                                    self.state, teacher_params=self.teacher_params)
         self.buckets = Buckets.make({"student": c.distill.student_buckets, "teacher": c.distill.teacher_buckets,
                                      "response": c.distill.response_buckets})
         self.writer = MetricsWriter(workdir)
@@ -90,6 +94,13 @@ class Run:
                  self.model_cfg.family, self.model_cfg.num_params() / 1e6, dict(self.mesh.shape),
                  len(self.data.train), len(self.data.eval or []), self.step)
         return self
+
+    def sample_params(self):
+        """The weights the sampler generates with: the training params, or with LoRA the
+        base + adapter merged into one copy (call once per step; see docs/benchmarks.md)."""
+        if self.lora is None:
+            return self.state.params
+        return self._merge(self.teacher_params, self.state.params, self.lora.scale)
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -107,6 +118,8 @@ class Run:
     def save(self, step: int):
         harness_json, arrays = split_arrays(self.harness.state_dict())
         host = {"step": step, "seed": self.config.seed, "data_iter": self.data_iter.state(), "harness": harness_json}
+        if self.lora is not None:  # the state holds the adapter; the base is reloaded from its source
+            host["lora_base"] = {k: self.config.model[k] for k in ("source", "path")}
         self.ckpt.save(step, self.state, host, arrays)
 
     # ---- per step ----------------------------------------------------------------------
@@ -227,7 +240,7 @@ class Run:
             if self._eval_harness is None:
                 self._eval_harness = runtime.make_eval_harness(c, self.data, self.harness)
             harness = self._eval_harness
-        summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.state.params,
+        summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.sample_params(),
                                     task=self.data.task, harness=harness,
                                     examples=[ev[i] for i in range(part.start, part.stop)], eval_cfg=c.eval,
                                     rng=jax.random.fold_in(jax.random.key(c.seed + 1), step),

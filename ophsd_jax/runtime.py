@@ -121,7 +121,34 @@ def step_config(c: mlc.ConfigDict, mesh) -> StepConfig:
     d = c.distill
     return StepConfig(kind=d.kind, beta=float(d.beta), clip=d.clip or None, teacher=d.teacher,
                       micro_batches=micro_batches(c, mesh), remat_teacher=d.remat_teacher, tile=d.tile,
-                      keep_fraction=d.keep_fraction if d.keep_fraction < 1 else None, compute_dtype=c.model.dtype)
+                      keep_fraction=d.keep_fraction if d.keep_fraction < 1 else None, compute_dtype=c.model.dtype,
+                      lora_scale=lora_config(c).scale if lora_config(c) else None)
+
+
+def lora_config(c: mlc.ConfigDict):
+    """The run's LoraConfig, or None for full fine-tuning."""
+    from ophsd_jax.models.lora import LoraConfig
+
+    return LoraConfig.from_config(c)
+
+
+def trainable_params(c: mlc.ConfigDict, cfg, params, mesh, *, abstract: bool = False):
+    """(what the train state trains, the step's second argument) for the run's initial
+    weights `params`: (params, frozen copy or None) for full fine-tuning; with LoRA
+    (adapter, base weights). `abstract`: `params` are ShapeDtypeStructs; so is the result."""
+    from ophsd_jax.models import lora
+
+    lcfg = lora_config(c)
+    if lcfg is not None:
+        adapter = (lora.abstract_adapter(cfg, lcfg, mesh) if abstract else
+                   lora.init_adapter(cfg, lcfg, mesh, seed=c.seed))
+        return adapter, params
+    if c.distill.teacher != "initial":
+        return params, None
+    # "initial": a frozen copy of the starting weights, in the compute dtype (only read by forward passes).
+    if abstract:
+        return params, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.dtype, sharding=a.sharding), params)
+    return params, jax.tree.map(lambda x: x.astype(cfg.dtype) + 0, params)
 
 
 def optimizer(c: mlc.ConfigDict):

@@ -45,14 +45,16 @@ def train(config, workdir: str) -> dict:
         key = jax.random.fold_in(run.rng, step)
         student_msgs = [task.student_messages(e) for e in examples]
         with run.timer("rollout"):  # 1. on-policy answers to the bare prompts
+            params = run.sample_params()  # current weights (LoRA: base + adapter, merged once per step)
             rollout = generate_chat_tokens(
-                run.sampler, tok, run.state.params, student_msgs, max_new_tokens=c.rollout.max_new_tokens,
+                run.sampler, tok, params, student_msgs, max_new_tokens=c.rollout.max_new_tokens,
                 rng=jax.random.fold_in(key, 0), temperature=c.rollout.temperature, top_p=c.rollout.top_p,
                 top_k=c.rollout.top_k, template_kwargs=run.template_kwargs)
         with run.timer("harness"):  # 2. teacher context from the harness, current weights
-            generate_chat = make_generate_chat(run.sampler, tok, run.state.params, jax.random.fold_in(key, 1),
+            generate_chat = make_generate_chat(run.sampler, tok, params, jax.random.fold_in(key, 1),
                                                template_kwargs=run.template_kwargs)
             results = run.harness.run(examples, generate_chat)
+            del params, generate_chat  # LoRA: the merged copy is not kept through the update
         with run.timer("update"):  # 3. score y under both contexts, one jitted step
             skip = ["rollout_prompt_too_long" if s else "harness_prompt_too_long" if r.skipped else None
                     for s, r in zip(rollout.skipped, results)]  # prompts longer than the sampler takes
