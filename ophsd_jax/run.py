@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from ophsd_jax import parallel, runtime
-from ophsd_jax.checkpointing import CheckpointManager, abstract_like, join_arrays, split_arrays
+from ophsd_jax.checkpointing import (CheckpointManager, IncompatibleCheckpoint, abstract_like, join_arrays,
+                                    split_arrays)
 from ophsd_jax.data.iterator import ExampleIterator
 from ophsd_jax.distill.batch import Buckets, PairBatch, SideBatch
 from ophsd_jax.distill.losses import reward_weights
@@ -55,12 +56,12 @@ class Run:
         rows_error = micro_batch_rows_error(c.train.batch_size, runtime.micro_batches(c, self.mesh), self.mesh)
         if rows_error and not for_eval:
             raise ValueError(f"config.{rows_error} (mesh {dict(self.mesh.shape)})")
-        runtime.use_compilation_cache(c, workdir)
+        # Nothing may change in the work dir until the newest checkpoint is known to fit this
+        # config (an incompatible one is an error that leaves the work dir as it was): until
+        # then the compilation cache is only read, and the data (built in the work dir) waits.
+        runtime.use_compilation_cache(c, workdir, write=False)
         self.model_cfg, self.graphdef, params, self.tokenizer = runtime.load_model(c, self.mesh)
-        self.data = runtime.load_data(c, workdir)
-        self.harness = runtime.make_run_harness(c, self.data)
-        self.sampler = runtime.make_sampler(c, self.model_cfg, self.graphdef, self.mesh, self.tokenizer)
-        self.template_kwargs = c.model.chat_template_kwargs.to_dict()
+        self.model_identity = model_identity(c, self.model_cfg)
         self.rng = jax.random.key(c.seed)
         self.optimizer = runtime.optimizer(c)
         # "initial": a frozen copy of the starting weights (reloaded from the source on resume).
@@ -68,11 +69,20 @@ class Run:
         self.teacher_params = (jax.tree.map(lambda x: x.astype(self.model_cfg.dtype) + 0, params)
                                if c.distill.teacher == "initial" else None)
         self.state = init_train_state(params, self.optimizer, self.mesh)
-        self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                       async_save=c.train.async_checkpoints)
+        found = self.ckpt.restore_latest(abstract_like(self.state), max_step=restore_step, model=self.model_identity)
+        if found is None and for_eval:
+            raise FileNotFoundError(f"no readable checkpoint in {self.ckpt.directory}")
+        runtime.use_compilation_cache(c, workdir)
+        self.data = runtime.load_data(c, workdir)
+        self.harness = runtime.make_run_harness(c, self.data)
+        self.sampler = runtime.make_sampler(c, self.model_cfg, self.graphdef, self.mesh, self.tokenizer)
+        self.template_kwargs = c.model.chat_template_kwargs.to_dict()
+        self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
         self.step = 0
-        self._restore(restore_step, required=for_eval)
+        if found is not None:
+            self._resume(*found)
         if for_eval:
             return self
         runtime.save_config(c, workdir)
@@ -92,20 +102,20 @@ class Run:
 
     # ---- checkpoints -------------------------------------------------------------------
 
-    def _restore(self, step: int | None, required: bool):
-        found = self.ckpt.restore_latest(abstract_like(self.state), max_step=step)
-        if found is None:
-            if required:
-                raise FileNotFoundError(f"no readable checkpoint in {self.ckpt.directory}")
-            return
-        self.step, self.state, host, arrays = found
-        self.data_iter.restore(host["data_iter"])
+    def _resume(self, step: int, state, host: dict, arrays: dict):
+        try:
+            self.data_iter.restore(host["data_iter"])
+        except ValueError as e:  # other data, batch size or seed
+            raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} does not fit this config: "
+                                         f"data {e}") from e
+        self.step, self.state = step, state
         self.harness.load_state_dict(join_arrays(host["harness"], arrays))
         log.info("resumed from %s/%d", self.ckpt.directory, self.step)
 
     def save(self, step: int):
         harness_json, arrays = split_arrays(self.harness.state_dict())
-        host = {"step": step, "seed": self.config.seed, "data_iter": self.data_iter.state(), "harness": harness_json}
+        host = {"step": step, "seed": self.config.seed, "data_iter": self.data_iter.state(), "harness": harness_json,
+                "model": self.model_identity}
         self.ckpt.save(step, self.state, host, arrays)
 
     # ---- per step ----------------------------------------------------------------------
@@ -253,6 +263,15 @@ class Run:
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
+
+
+def model_identity(c, cfg) -> dict:
+    """What the checkpointed weights are: the model's source and architecture. Not the
+    runtime choices (compute dtype, remat, attention kernel), which a resumed run may change;
+    nor the folder path, which may move (the initial teacher is reloaded from it)."""
+    keys = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "param_dtype")
+    return json.loads(json.dumps({"source": c.model.source, **{k: getattr(cfg, k) for k in keys}}))
 
 
 def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pad_id: int) -> PairBatch:

@@ -1,8 +1,10 @@
 """The training CLI end to end on configs/tiny.py: metrics, checkpoints, evaluate,
 export (loaded by transformers), resume after SIGKILL (bitwise), SIGTERM, a truncated
-checkpoint, and one-line errors."""
+checkpoint, an incompatible one (an error, the work dir untouched), a resume on another
+device count, and one-line errors."""
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -21,9 +23,11 @@ METRIC_KEYS = ("loss", "grad_norm", "student_entropy", "tokens", "skipped_update
                "time/rollout_share", "batch/skipped", "harness/mode_plan_solve")
 
 
-def env():
+def env(devices=1):
     e = dict(os.environ)
     e.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
+    if devices > 1:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e["PYTHONPATH"] = ROOT
     return e
 
@@ -175,6 +179,56 @@ def test_sigterm_saves_the_current_step(tmp_path):
     last = read_metrics(workdir)[-1]["step"]
     assert last < 50
     assert complete_steps(workdir) == [last]
+
+
+def workdir_state(workdir):
+    """Every path under `workdir` with its mtime, size and content hash."""
+    out = {}
+    for root, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else None
+            out[os.path.relpath(path, workdir)] = (st.st_mtime_ns, st.st_size, digest)
+    return out
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.model.random.intermediate_size=96", "model intermediate_size=128 in the checkpoint, 96 in this run"),
+    ("--config.model.param_dtype=bfloat16", "model param_dtype='float32' in the checkpoint, 'bfloat16' in this run"),
+    ("--config.model.random.rope_theta=500000.0", "model rope_theta=10000.0 in the checkpoint, 500000.0 in this run"),
+], ids=["shape", "dtype", "model"])
+def test_incompatible_checkpoint_is_one_line_and_touches_nothing(finished_run, tmp_path, override, expected):
+    import shutil
+
+    workdir = tmp_path / "changed"
+    shutil.copytree(finished_run[0], workdir)
+    before = workdir_state(workdir)
+    proc = cli("ophsd_jax.train", *train_args(workdir, "--config.train.steps=6", override), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: IncompatibleCheckpoint: checkpoint {workdir}/checkpoints/4 does not fit this config: "
+                      f"{expected} (resume with the config it was saved with, or use another work dir) "
+                      "(OPHSD_TRACEBACK=1 shows the traceback)"], proc.stderr[-3000:]
+    assert "is unreadable" not in proc.stderr  # not mistaken for a corrupt one
+    assert workdir_state(workdir) == before
+
+
+def test_resume_on_another_device_count(finished_run, tmp_path):
+    """Saved on 1 device, resumed on 8 (fsdp=2 x tensor=4: the batch of 2 rows needs at most
+    2 batch shards): continues from the checkpoint. (Bitwise equality of the restored state
+    across meshes, 1 <-> 8 devices: tests/test_checkpoint_restore.py.)"""
+    import shutil
+
+    workdir = tmp_path / "wider"
+    shutil.copytree(finished_run[0], workdir)
+    args = train_args(workdir, "--config.train.steps=5", "--config.mesh.fsdp=2", "--config.mesh.tensor=4")
+    proc = subprocess.run([sys.executable, "-m", "ophsd_jax.train", *args], cwd=ROOT, env=env(devices=8),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4" in proc.stderr
+    assert "on mesh {'data': 1, 'fsdp': 2, 'tensor': 4}" in proc.stderr
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5]
 
 
 def test_truncated_newest_checkpoint_falls_back(finished_run, tmp_path):
