@@ -51,9 +51,11 @@ def load_model(c: mlc.ConfigDict, mesh):
 
 
 def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok) -> Sampler:
+    # The config.json of a run from before sampler.decode_segment existed: the Sampler's default.
+    segment = {"decode_segment": c.sampler.decode_segment} if "decode_segment" in c.sampler else {}
     return Sampler(cfg, graphdef, mesh, max_batch=c.sampler.max_batch, prompt_buckets=c.sampler.prompt_buckets,
                    new_token_buckets=c.sampler.new_token_buckets, pad_id=tok.pad_token_id,
-                   show_progress=jax.process_index() == 0)
+                   show_progress=jax.process_index() == 0, **segment)
 
 
 @dataclasses.dataclass
