@@ -3,7 +3,10 @@
 One directory per step under `<workdir>/checkpoints/`. Orbax writes each step to a
 temporary directory and renames it when complete, so an interrupted save never looks
 like a checkpoint. `restore_latest` walks back from the newest step when a checkpoint
-cannot be read (truncated or corrupt files), reporting each one it skips.
+cannot be read (truncated or corrupt files), reporting each one it skips; a checkpoint
+that reads but does not fit the run (the config changed a shape, a dtype or the model) is
+an error instead (`IncompatibleCheckpoint`), checked before anything is restored. The
+mesh is not part of a checkpoint: Orbax reshards each array onto the target's sharding.
 
 Saved per step:
   state  - TrainState (params, optimizer state, step) with its shardings
@@ -25,13 +28,20 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class IncompatibleCheckpoint(ValueError):
+    """A readable checkpoint that this run cannot continue: its config changed a leaf's
+    shape or dtype, the state's tree, or the model the weights belong to."""
+
+
 class CheckpointManager:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                           item_names=("state", "host", "arrays"))
+        # Handlers named up front, so that a checkpoint's metadata can be read before any restore.
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler(),
+            "arrays": ocp.PyTreeCheckpointHandler()})
 
     def steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
@@ -60,23 +70,73 @@ class CheckpointManager:
         arrays = {k: np.asarray(v) for k, v in dict(out["arrays"]).items() if k != "_empty"}
         return out["state"], dict(out["host"]), arrays
 
-    def restore_latest(self, abstract_state, *, max_step: int | None = None):
-        """(step, state, host, arrays) from the newest readable checkpoint, or None."""
+    def restore_latest(self, abstract_state, *, max_step: int | None = None, model: dict | None = None):
+        """(step, state, host, arrays) from the newest readable checkpoint, or None.
+
+        An unreadable checkpoint (truncated, corrupt, partly written) is reported and the
+        previous one tried. A readable one that does not fit `abstract_state` (leaf names,
+        shapes, dtypes) or whose host state names another `model` raises
+        IncompatibleCheckpoint: that is a changed config, and the older checkpoints of the
+        same run would not fit either.
+        """
         for step in reversed(self.steps()):
             if max_step is not None and step > max_step:
                 continue
+            try:  # metadata and host JSON only: cheap, and enough to tell a changed config
+                saved = _array_leaves(self._mngr.item_metadata(step)["state"].tree)
+                host = dict(self._mngr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"])
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+                self._skip(step, e)
+                continue
+            problem = _model_mismatch(host.get("model"), model) or \
+                _leaf_mismatch(saved, _array_leaves(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)))
+            if problem:
+                raise IncompatibleCheckpoint(f"checkpoint {self.directory}/{step} does not fit this config: {problem} "
+                                             "(resume with the config it was saved with, or use another work dir)")
             try:
                 state, host, arrays = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
+            except Exception as e:  # noqa: BLE001 - e.g. truncated array files
+                self._skip(step, e)
                 continue
             return step, state, host, arrays
         return None
 
+    def _skip(self, step: int, e: Exception) -> None:
+        log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+                    self.directory, step, type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def _array_leaves(tree) -> dict[str, tuple[tuple, str]]:
+    """{"params.layers.wq": (shape, dtype)} for the arrays of a (serialized) state tree."""
+    flat = ocp.tree.to_flat_dict(tree, sep=".")
+    return {k.removesuffix(".value"): (tuple(v.shape), str(np.dtype(v.dtype))) for k, v in flat.items()
+            if hasattr(v, "shape") and hasattr(v, "dtype")}
+
+
+def _leaf_mismatch(saved: dict, expected: dict, most: int = 3) -> str | None:
+    def show(leaf):
+        return f"{leaf[0]} {leaf[1]}"
+
+    problems = [f"{k} is {show(saved[k])} in the checkpoint, {show(expected[k])} in this run"
+                for k in sorted(saved.keys() & expected.keys()) if saved[k] != expected[k]]
+    problems += [f"{k} is only in the checkpoint" for k in sorted(saved.keys() - expected.keys())]
+    problems += [f"{k} is not in the checkpoint" for k in sorted(expected.keys() - saved.keys())]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - most} more)" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
+
+
+def _model_mismatch(saved: dict | None, expected: dict | None) -> str | None:
+    if saved is None or expected is None:  # checkpoints from before the model was recorded
+        return None
+    diff = [f"{k}={saved.get(k)!r} in the checkpoint, {expected.get(k)!r} in this run"
+            for k in sorted(saved.keys() | expected.keys()) if saved.get(k) != expected.get(k)]
+    return "model " + "; ".join(diff) if diff else None
 
 
 def abstract_like(tree):

@@ -255,13 +255,16 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         args = (params, abstract((Bs, prompt_len), jnp.int32, tok_sh), abstract((Bs, prompt_len), jnp.int32, tok_sh),
                 abstract(key.shape, key.dtype, replicated), abstract((), jnp.float32, replicated),
                 abstract((), jnp.int32, replicated), abstract((), jnp.float32, replicated),
-                abstract((8,), jnp.int32, replicated), abstract((), jnp.int32, replicated))
+                abstract((8,), jnp.int32, replicated), abstract((), jnp.int32, replicated),
+                abstract((), jnp.int32, replicated))
         kw = dict(n_new_bucket=new, greedy=False, use_top_k=top_k > 0, use_top_p=top_p < 1,
                   top_k_cap=top_k_cap(top_k, cfg.vocab_size))
         # The sampler reads the training params; the optimizer state and teacher stay resident.
         # LoRA: it reads a merged copy of the weights (the argument), beside the whole train state and base.
+        # Prefill + decode (`_start`); `_resume` runs the same decode loop on the donated
+        # decode state without the prefill, so its peak is no higher.
         out.append(Program(f"generate_{name}[B={Bs},P={prompt_len},new={new}]",
-                           lambda args=args, kw=kw: sampler._jitted.lower(*args, **kw),
+                           lambda args=args, kw=kw: sampler._start.lower(*args, **kw),
                            resident - (0 if lora_on else device_bytes(params))))
     if programs:
         out = [p for p in out if p.name.split("[")[0] in programs or p.name.split("[")[0].split("_", 1)[-1]

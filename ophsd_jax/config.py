@@ -137,6 +137,8 @@ def base_config() -> mlc.ConfigDict:
     c.sampler.max_batch = 64  # rows per generation call; larger batches are chunked
     c.sampler.prompt_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
     c.sampler.new_token_buckets = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    # decode steps per jitted call; a stop request (SIGTERM) is noticed between calls
+    c.sampler.decode_segment = 128
 
     # ---- evaluation ---------------------------------------------------------------------
     c.eval = mlc.ConfigDict()
@@ -166,7 +168,7 @@ _CHOICES = {
     "optim.schedule": ("constant", "warmup_cosine"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-             "rollout.max_new_tokens", "eval.k", "eval.max_new_tokens", "sampler.max_batch",
+             "rollout.max_new_tokens", "eval.k", "eval.max_new_tokens", "sampler.max_batch", "sampler.decode_segment",
              "distill.tile")
 _NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
                  "distill.clip", "distill.reward_weight_beta", "distill.max_response_tokens", "eval.num_examples",

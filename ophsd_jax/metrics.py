@@ -22,6 +22,26 @@ def _scalar(v):
     return None
 
 
+def scalars(metrics: dict) -> dict[str, float]:
+    """The scalar entries of `metrics` as floats (what a metrics row holds)."""
+    return {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
+
+
+def logged_steps(workdir: str) -> set[int]:
+    """Steps that have a row in `<workdir>/metrics.jsonl` (none if it does not exist)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return set()
+    steps = set()
+    with open(path) as f:
+        for line in f:
+            try:
+                steps.add(json.loads(line)["step"])
+            except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a line cut short by a kill
+                continue
+    return steps
+
+
 class MetricsWriter:
     def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -38,7 +58,7 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict) -> dict:
         """Write the scalar metrics of one step; returns them as floats."""
-        flat = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
+        flat = scalars(metrics)
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()}})

@@ -16,32 +16,45 @@ import jax
 import numpy as np
 
 from ophsd_jax import parallel, runtime
-from ophsd_jax.checkpointing import CheckpointManager, abstract_like, join_arrays, split_arrays
+from ophsd_jax.checkpointing import (CheckpointManager, IncompatibleCheckpoint, abstract_like, join_arrays,
+                                    split_arrays)
 from ophsd_jax.data.iterator import ExampleIterator
 from ophsd_jax.distill.batch import Buckets, PairBatch, SideBatch
 from ophsd_jax.distill.losses import reward_weights
 from ophsd_jax.distill.step import (TrainStep, init_train_state, learning_rate_schedule, micro_batch_rows_error,
                                    OptimConfig)
 from ophsd_jax.evaluate import evaluate, write_eval
-from ophsd_jax.metrics import MetricsWriter, PhaseTimer, progress_bar
+from ophsd_jax.metrics import MetricsWriter, PhaseTimer, logged_steps, progress_bar, scalars
 from ophsd_jax.models import lora as lora_lib
 
 log = logging.getLogger("ophsd_jax.train")
 
 
+class StopRequested(Exception):
+    """Raised by `Run.poll` on every process once any process was asked to stop (SIGTERM):
+    the step in progress is abandoned and the last completed one saved (`Run.save_stopped`)."""
+
+
 class Run:
     _stop_requested = False  # set by the signal handler, on this process only
-    _stopping = False  # agreed by all processes at the end of each step
     _eval_harness = None  # the harness re-attached at evaluation, made at the first one
 
     @classmethod
     def request_stop(cls, signum=None, frame=None):
-        log.warning("stop requested (signal %s): finishing this step, then saving", signum)
+        log.warning("stop requested (signal %s): abandoning the step in progress, saving the last completed one",
+                    signum)
         cls._stop_requested = True
 
-    @property
-    def preempted(self) -> bool:
-        return self._stopping
+    def poll(self) -> None:
+        """Raise StopRequested if any process was asked to stop.
+
+        Called only at points every process reaches in the same order: before and between
+        the sampler's decode segments (the sampler is collective) and before the update.
+        With several processes the flag is agreed there by an allgather, so a SIGTERM on any
+        one process stops all of them at the same point, and they save the same step.
+        """
+        if parallel.agree_max([int(Run._stop_requested)])[0]:
+            raise StopRequested
 
     @classmethod
     def create(cls, config, workdir: str, *, restore_step: int | None = None, for_eval: bool = False) -> "Run":
@@ -57,12 +70,12 @@ class Run:
         rows_error = micro_batch_rows_error(c.train.batch_size, runtime.micro_batches(c, self.mesh), self.mesh)
         if rows_error and not for_eval:
             raise ValueError(f"config.{rows_error} (mesh {dict(self.mesh.shape)})")
-        runtime.use_compilation_cache(c, workdir)
+        # Nothing may change in the work dir until the newest checkpoint is known to fit this
+        # config (an incompatible one is an error that leaves the work dir as it was): until
+        # then the compilation cache is only read, and the data (built in the work dir) waits.
+        runtime.use_compilation_cache(c, workdir, write=False)
         self.model_cfg, self.graphdef, params, self.tokenizer = runtime.load_model(c, self.mesh)
-        self.data = runtime.load_data(c, workdir)
-        self.harness = runtime.make_run_harness(c, self.data)
-        self.sampler = runtime.make_sampler(c, self.model_cfg, self.graphdef, self.mesh, self.tokenizer)
-        self.template_kwargs = c.model.chat_template_kwargs.to_dict()
+        self.model_identity = model_identity(c, self.model_cfg)
         self.rng = jax.random.key(c.seed)
         self.optimizer = runtime.optimizer(c)
         # "initial": a frozen copy of the starting weights (reloaded from the source on resume).
@@ -72,13 +85,23 @@ class Run:
         trained, self.teacher_params = runtime.trainable_params(c, self.model_cfg, params, self.mesh)
         self._merge = lora_lib.make_merge(params) if self.lora else None
         self.state = init_train_state(trained, self.optimizer, self.mesh)
-        self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                       async_save=c.train.async_checkpoints)
-        self.step = 0
-        self._restore(restore_step, required=for_eval)
+        found = self.ckpt.restore_latest(abstract_like(self.state), max_step=restore_step, model=self.model_identity)
+        if found is None and for_eval:
+            raise FileNotFoundError(f"no readable checkpoint in {self.ckpt.directory}")
+        runtime.use_compilation_cache(c, workdir)
+        self.data = runtime.load_data(c, workdir)
+        self.harness = runtime.make_run_harness(c, self.data)
+        self.sampler = runtime.make_sampler(c, self.model_cfg, self.graphdef, self.mesh, self.tokenizer)
+        self.template_kwargs = c.model.chat_template_kwargs.to_dict()
+        self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
+        self.step, self._saved_step, self.pending_metrics, self._step_start = 0, None, None, None
+        if found is not None:
+            self._resume(*found)
         if for_eval:
             return self
+        self.sampler.poll = self.poll  # a SIGTERM abandons a generation within one decode segment
         runtime.save_config(c, workdir)
         self.train_step = TrainStep(self.graphdef, runtime.step_config(c, self.mesh), self.optimizer, self.mesh,
                                     self.state, teacher_params=self.teacher_params)
@@ -104,28 +127,52 @@ class Run:
 
     # ---- checkpoints -------------------------------------------------------------------
 
-    def _restore(self, step: int | None, required: bool):
-        found = self.ckpt.restore_latest(abstract_like(self.state), max_step=step)
-        if found is None:
-            if required:
-                raise FileNotFoundError(f"no readable checkpoint in {self.ckpt.directory}")
-            return
-        self.step, self.state, host, arrays = found
-        self.data_iter.restore(host["data_iter"])
+    def _resume(self, step: int, state, host: dict, arrays: dict):
+        try:
+            self.data_iter.restore(host["data_iter"])
+        except ValueError as e:  # other data, batch size or seed
+            raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} does not fit this config: "
+                                         f"data {e}") from e
+        self.step, self.state, self._saved_step = step, state, step
         self.harness.load_state_dict(join_arrays(host["harness"], arrays))
+        # Stopped during the evaluation after `step`: its metrics row is written on resume,
+        # unless an earlier resume wrote it (process 0's metrics file decides, for all).
+        pending = host.get("pending_metrics")
+        if pending is not None and parallel.agree_max([jax.process_index() == 0 and
+                                                       step in logged_steps(self.workdir)])[0]:
+            pending = None
+        self.pending_metrics = pending
         log.info("resumed from %s/%d", self.ckpt.directory, self.step)
 
-    def save(self, step: int):
+    def save(self, step: int, pending_metrics: dict | None = None):
         harness_json, arrays = split_arrays(self.harness.state_dict())
-        host = {"step": step, "seed": self.config.seed, "data_iter": self.data_iter.state(), "harness": harness_json}
+        host = {"step": step, "seed": self.config.seed, "data_iter": self.data_iter.state(), "harness": harness_json,
+                "model": self.model_identity}
+        if pending_metrics is not None:
+            host["pending_metrics"] = pending_metrics
         if self.lora is not None:  # the state holds the adapter; the base is reloaded from its source
             host["lora_base"] = {k: self.config.model[k] for k in ("source", "path")}
         self.ckpt.save(step, self.state, host, arrays)
+        self._saved_step = step
+
+    def save_stopped(self) -> None:
+        """After StopRequested: checkpoint the last completed step, unless it is on disk."""
+        if self._step_start is not None and self._step_start[0] == self.step:
+            # Abandoned before its update: the data position goes back to the step's start.
+            self.data_iter.restore(self._step_start[1])
+        if self.step > 0 and self._saved_step != self.step:
+            # Stopped during the evaluation after `step`: its metrics wait for the resumed run.
+            self.save(self.step, None if self.pending_metrics is None else
+                      scalars({**self.timer.report(), **self.pending_metrics}))
+        self.ckpt.wait()
+        log.warning("stopped after step %d (checkpoint %s/%d); re-run the same command to resume",
+                    self.step, self.ckpt.directory, self.step)
 
     # ---- per step ----------------------------------------------------------------------
 
     def next_examples(self) -> list[dict]:
         """This process's share of the next batch (the iterator position is global)."""
+        self._step_start = (self.step, self.data_iter.state())  # where an abandoned step goes back to
         return next(self.data_iter)
 
     def global_batch(self, batch: PairBatch, harness_rewards) -> tuple[PairBatch, np.ndarray, dict]:
@@ -167,7 +214,7 @@ class Run:
             bank.put_back(t, l, i, e)
 
     def progress(self):
-        return progress_bar(self.config.train.steps, initial=self.step)
+        return progress_bar(self.config.train.steps, initial=self.step - (self.pending_metrics is not None))
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
         task = self.data.task
@@ -193,23 +240,21 @@ class Run:
     def end_step(self, step: int, metrics: dict, bar):
         """Log, evaluate and checkpoint after `step` updates."""
         c = self.config
-        # A stop request (SIGTERM) may reach the processes at different steps: all stop at the first.
-        self._stopping = bool(parallel.agree_max([Run._stop_requested])[0])
-        train_seconds = sum(self.timer.seconds.values())
+        # The update is applied; until the metrics row is written, a stop (in the evaluation)
+        # saves this step with its metrics, and the resumed run evaluates and writes them.
+        self.step, self.pending_metrics = step, metrics
+        if "tokens_per_s" not in metrics:  # (a pending step from a stopped run has its own)
+            metrics["tokens_per_s"] = float(metrics.get("tokens", 0.0)) / max(sum(self.timer.seconds.values()), 1e-9)
         if step % c.train.eval_every == 0 or step == c.train.steps:
             with self.timer("eval"):
                 metrics.update(self.evaluate(step))
         self.timer_report = self.timer.report()
         metrics.update(self.timer_report)
-        metrics["tokens_per_s"] = float(metrics.get("tokens", 0.0)) / max(train_seconds, 1e-9)
         self.timer.reset()
         flat = self.writer.write(step, metrics)
-        self.step = step
-        if step % c.train.save_every == 0 or step == c.train.steps or self.preempted:
+        self.pending_metrics = None
+        if (step % c.train.save_every == 0 or step == c.train.steps) and self._saved_step != step:
             self.save(step)
-            if self.preempted:
-                self.ckpt.wait()
-                log.warning("stopped at step %d; checkpoint saved, re-run the same command to resume", step)
         bar.update(1)
         bar.set_postfix(loss=f"{flat.get('loss', float('nan')):.4f}", rollout=f"{flat['rollout/reward']:.2f}",
                         harness=f"{flat['harness/reward']:.2f}", refresh=False)
@@ -275,6 +320,15 @@ class Run:
 def _nanmean(xs) -> float:
     xs = np.asarray(xs, np.float64)
     return float(np.nanmean(xs)) if xs.size and not np.all(np.isnan(xs)) else float("nan")
+
+
+def model_identity(c, cfg) -> dict:
+    """What the checkpointed weights are: the model's source and architecture. Not the
+    runtime choices (compute dtype, remat, attention kernel), which a resumed run may change;
+    nor the folder path, which may move (the initial teacher is reloaded from it)."""
+    keys = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "param_dtype")
+    return json.loads(json.dumps({"source": c.model.source, **{k: getattr(cfg, k) for k in keys}}))
 
 
 def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pad_id: int) -> PairBatch:

@@ -53,9 +53,11 @@ def load_model(c: mlc.ConfigDict, mesh):
 
 
 def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok) -> Sampler:
+    # The config.json of a run from before sampler.decode_segment existed: the Sampler's default.
+    segment = {"decode_segment": c.sampler.decode_segment} if "decode_segment" in c.sampler else {}
     return Sampler(cfg, graphdef, mesh, max_batch=c.sampler.max_batch, prompt_buckets=c.sampler.prompt_buckets,
                    new_token_buckets=c.sampler.new_token_buckets, pad_id=tok.pad_token_id,
-                   show_progress=jax.process_index() == 0)
+                   show_progress=jax.process_index() == 0, **segment)
 
 
 @dataclasses.dataclass
@@ -158,16 +160,18 @@ def optimizer(c: mlc.ConfigDict):
                                       weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps))
 
 
-def use_compilation_cache(c: mlc.ConfigDict, workdir: str) -> None:
+def use_compilation_cache(c: mlc.ConfigDict, workdir: str, *, write: bool = True) -> None:
     """Turn on XLA's persistent compilation cache, so a resumed run (after preemption)
     or a repeated one loads its compiled programs instead of compiling them again. Takes
-    effect only before the process's first compilation (JAX fixes the cache then)."""
+    effect only before the process's first compilation (JAX fixes the cache then).
+    `write=False` only reads it (nothing is added to the work dir); call again to write."""
     path = c.train.compilation_cache_dir
     if not path:
         return
     path = os.path.join(workdir, path) if not os.path.isabs(path) else path
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # skip the many tiny programs
+    # 1 s: skip the many tiny programs; read-only: no program is slow enough to be written.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0 if write else float("inf"))
 
 
 def save_config(c: mlc.ConfigDict, workdir: str) -> None:

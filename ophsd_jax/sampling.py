@@ -2,12 +2,16 @@
 
 Shapes are static per (batch bucket, prompt bucket, new-token bucket), so repeated
 calls compile once per bucket. Prompts are left-padded so every row writes the same
-cache slot each decode step. Parameters are an argument, never captured: the sampler
-always generates with the weights it is handed (the current training weights).
+cache slot each decode step. The decode runs in segments of `decode_segment` steps, one
+jitted call each on the donated decode state (the first call also prefills), with the
+same results as one loop; between segments the host runs `Sampler.poll`, so a stop
+request (SIGTERM) abandons even a long generation within one segment. Parameters are
+an argument, never captured: the sampler always generates with the weights it is handed
+(the current training weights).
 
 Two ways to run the layers (`layer_loop`): "scan" over the stacked weights (one layer
 body compiled for all layers; for accelerators), or "unrolled" over per-layer copies
-of the weights made once per call, with a per-layer KV cache (`models/cpu.py`; XLA:CPU, where the scan
+of the weights made once per jitted call, with a per-layer KV cache (`models/cpu.py`; XLA:CPU, where the scan
 copies each layer's weights out of the stack every step; see the Sampler section of
 docs/benchmarks.md). The default picks "unrolled" on CPU meshes.
 """
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from ophsd_jax import parallel
 from ophsd_jax.models import state as model_state
@@ -127,13 +131,24 @@ def sample_token(logits, key, temperature, top_k, top_p, *, greedy: bool, use_to
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
+class DecodeState(NamedTuple):
+    """What one decode segment hands the next (device arrays, rows sharded like the batch)."""
+    step: jax.Array  # tokens generated so far (the next token's column)
+    cache: KVCache
+    kv_mask: jax.Array
+    out_tok: jax.Array
+    out_lp: jax.Array
+    done: jax.Array
+    pos: jax.Array
+
+
 class Sampler:
     """Generates from token-id prompts; see `generate`."""
 
     def __init__(self, cfg: ModelConfig, graphdef, mesh: Mesh, *, max_batch: int = 64,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS, cache_dtype: str | None = None,
-                 pad_id: int = 0, show_progress: bool = True, layer_loop: str = "auto"):
+                 pad_id: int = 0, show_progress: bool = True, layer_loop: str = "auto", decode_segment: int = 128):
         self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
         if layer_loop == "auto":
             layer_loop = "unrolled" if mesh.devices.flat[0].platform == "cpu" else "scan"
@@ -150,11 +165,21 @@ class Sampler:
         self.max_batch = max(self.batch_shards, max_batch - max_batch % self.batch_shards)
         # Multi-process: this process's share of every call's batch rows (see parallel.batch_share).
         self.share = parallel.batch_share(mesh)
-        self.trace_count = 0  # incremented each time `_generate_chunk` is traced (= compiled)
-        # Outputs keep the batch-row sharding, so each process can read its rows from its own shards.
-        rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-        self._jitted = jax.jit(self._generate_chunk, out_shardings=(rows, rows, rows),
-                               static_argnames=("n_new_bucket", "greedy", "use_top_k", "use_top_p", "top_k_cap"))
+        if decode_segment < 1:
+            raise ValueError(f"decode_segment must be >= 1, got {decode_segment}")
+        # Decode steps per jitted call: between calls the host runs `poll`, so a long
+        # generation can be abandoned within one segment (a SIGTERM, see run.Run.poll).
+        self.decode_segment = int(decode_segment)
+        # Called by every process between decode segments (also before the first): it may
+        # raise to abandon the call. With several processes it must agree (a collective).
+        self.poll: Callable[[], None] | None = None
+        self.trace_count = 0  # incremented each time a generation program is traced (= compiled)
+        statics = ("n_new_bucket", "greedy", "use_top_k", "use_top_p", "top_k_cap")
+        # `_start`: prefill + the first decode segment; `_resume`: one more segment on the
+        # (donated) decode state. The decode state keeps the batch-row sharding, so each
+        # process can read its rows of the outputs from its own shards.
+        self._start = jax.jit(self._start_chunk, static_argnames=statics)
+        self._resume = jax.jit(self._resume_chunk, static_argnames=statics, donate_argnums=1)
 
     # ---- public ---------------------------------------------------------------------
 
@@ -221,74 +246,115 @@ class Sampler:
         sh = parallel.named_sharding(self.mesh, ("batch", "seq"), (B * count, P))
         greedy = float(temperature) == 0.0
         # Each process supplies its own rows (with one share: host values every process holds).
-        out = self._jitted(params, parallel.from_process_rows(toks, sh, self.share),
-                           parallel.from_process_rows(mask, sh, self.share), rng,
-                           np.float32(temperature), np.int32(top_k), np.float32(top_p), stop,
-                           np.int32(max_new_tokens), n_new_bucket=n_new, greedy=greedy,
-                           use_top_k=(not greedy) and top_k > 0, use_top_p=(not greedy) and top_p < 1.0,
-                           top_k_cap=0 if greedy else top_k_cap(top_k, self.cfg.vocab_size))
-        out_tok, out_lp, out_len = (parallel.process_rows(x, self.share) for x in out)
-        return out_tok[:n], out_lp[:n], out_len[:n]
+        sampling = (rng, np.float32(temperature), np.int32(top_k), np.float32(top_p), stop,
+                    np.int32(max_new_tokens), np.int32(self.decode_segment))
+        statics = dict(n_new_bucket=n_new, greedy=greedy, use_top_k=(not greedy) and top_k > 0,
+                       use_top_p=(not greedy) and top_p < 1.0,
+                       top_k_cap=0 if greedy else top_k_cap(top_k, self.cfg.vocab_size))
+        self._poll()
+        # Each process supplies its own rows (with one share: host values every process holds).
+        state, finished = self._start(params, parallel.from_process_rows(toks, sh, self.share),
+                                      parallel.from_process_rows(mask, sh, self.share), *sampling, **statics)
+        # `finished` is replicated, so every process runs the same number of segments.
+        while not parallel.to_host(finished):
+            self._poll()
+            state, finished = self._resume(params, state, *sampling, **statics)
+        out_tok, out_lp = (parallel.process_rows(x, self.share) for x in (state.out_tok, state.out_lp))
+        steps = int(parallel.to_host(state.step))
+        # length: up to and including the first stop token, else all generated steps
+        is_stop = np.isin(out_tok, stop) & (np.arange(n_new) < steps)
+        out_len = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, min(steps, max_new_tokens))
+        return out_tok[:n], out_lp[:n], out_len[:n].astype(np.int32)
 
-    def _generate_chunk(self, params, prompt, prompt_mask, rng, temperature, top_k, top_p, stop, max_new,
-                        *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
+    def _poll(self):
+        if self.poll is not None:
+            self.poll()
+
+    def _start_chunk(self, params, prompt, prompt_mask, rng, temperature, top_k, top_p, stop, max_new, segment,
+                     *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
+        """Prefill, first token, then decode up to `segment` tokens: (DecodeState, finished)."""
         self.trace_count += 1
         B, P = prompt.shape
-        sample = lambda logits, key: sample_token(logits, key, temperature, top_k, top_p, greedy=greedy,  # noqa: E731
-                                                  use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=top_k_cap)
         with parallel.activation_mesh(self.mesh):
             model = nnx.merge(self.graphdef, params)
-            forward, logits_fn, cache = self._layer_loop(model, B, P + n_new_bucket)
+            forward, logits_fn, layers = self._layer_loop(model)
+            cache = self._empty_cache(B, P + n_new_bucket, per_layer=layers is not None)
             kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((B, n_new_bucket), jnp.int32)], axis=1)
             positions = model_state.positions_from_mask(prompt_mask)
             hidden, cache = forward(prompt, positions, kv_mask, cache, 0)
             logits = logits_fn(hidden[:, -1])
+            sample = self._sampler(temperature, top_k, top_p, greedy, use_top_k, use_top_p, top_k_cap)
             first = sample(logits, jax.random.fold_in(rng, 0))
             out_tok = jnp.zeros((B, n_new_bucket), jnp.int32).at[:, 0].set(first)
             out_lp = jnp.zeros((B, n_new_bucket), jnp.float32).at[:, 0].set(_token_logprob(logits, first))
-            done = jnp.isin(first, stop)
-            next_pos = positions[:, -1] + 1
+            state = DecodeState(jnp.int32(1), cache, kv_mask, out_tok, out_lp, jnp.isin(first, stop),
+                                positions[:, -1] + 1)
+            return self._decode(forward, logits_fn, state, P, rng, stop, max_new, segment, sample)
 
-            def cond(carry):
-                step, _, _, _, _, done, _ = carry
-                return (step < max_new) & ~jnp.all(done)
+    def _resume_chunk(self, params, state, rng, temperature, top_k, top_p, stop, max_new, segment,
+                      *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
+        """Up to `segment` more decode steps on `state` (donated): (DecodeState, finished)."""
+        self.trace_count += 1
+        with parallel.activation_mesh(self.mesh):
+            model = nnx.merge(self.graphdef, params)
+            forward, logits_fn, _ = self._layer_loop(model)
+            P = state.kv_mask.shape[1] - n_new_bucket
+            return self._decode(forward, logits_fn, state, P, rng, stop, max_new, segment,
+                                self._sampler(temperature, top_k, top_p, greedy, use_top_k, use_top_p, top_k_cap))
 
-            def body(carry):
-                step, cache, kv_mask, out_tok, out_lp, done, pos = carry
-                slot = P + step - 1  # the previous token goes into this cache slot
-                kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
-                prev = jax.lax.dynamic_slice(out_tok, (0, step - 1), (B, 1))
-                hidden, cache = forward(prev, pos[:, None], kv_mask, cache, slot)
-                logits = logits_fn(hidden[:, 0])
-                tok = sample(logits, jax.random.fold_in(rng, step))
-                tok = jnp.where(done, self.pad_id, tok)
-                lp = jnp.where(done, 0.0, _token_logprob(logits, tok))
-                out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
-                out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
-                done = done | jnp.isin(tok, stop)
-                return step + 1, cache, kv_mask, out_tok, out_lp, done, pos + 1
+    @staticmethod
+    def _sampler(temperature, top_k, top_p, greedy, use_top_k, use_top_p, top_k_cap):
+        return lambda logits, key: sample_token(logits, key, temperature, top_k, top_p, greedy=greedy,
+                                                use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=top_k_cap)
 
-            carry = (jnp.int32(1), cache, kv_mask, out_tok, out_lp, done, next_pos)
-            step, _, _, out_tok, out_lp, _, _ = jax.lax.while_loop(cond, body, carry)
-        # length: up to and including the first stop token, else all generated steps
-        is_stop = jnp.isin(out_tok, stop) & (jnp.arange(n_new_bucket) < step)
-        first_stop = jnp.argmax(is_stop, axis=1)
-        lengths = jnp.where(jnp.any(is_stop, axis=1), first_stop + 1, jnp.minimum(step, max_new))
-        return out_tok, out_lp, lengths
+    def _decode(self, forward, logits_fn, state: DecodeState, P: int, rng, stop, max_new, segment, sample):
+        """Decode steps until `max_new` tokens, every row done, or `segment` more steps
+        (prompt bucket `P`): (state, finished)."""
+        B = state.out_tok.shape[0]
+        end = jnp.minimum(max_new, state.step + segment)
 
-    def _layer_loop(self, model, batch: int, slots: int):
-        """(forward(tokens, positions, mask, cache, index) -> (hidden, cache), logits(hidden), empty cache)."""
+        def cond(carry):
+            step, _, _, _, _, done, _ = carry
+            return (step < end) & ~jnp.all(done)
+
+        def body(carry):
+            step, cache, kv_mask, out_tok, out_lp, done, pos = carry
+            slot = P + step - 1  # the previous token goes into this cache slot
+            kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
+            prev = jax.lax.dynamic_slice(out_tok, (0, step - 1), (B, 1))
+            hidden, cache = forward(prev, pos[:, None], kv_mask, cache, slot)
+            logits = logits_fn(hidden[:, 0])
+            tok = sample(logits, jax.random.fold_in(rng, step))
+            tok = jnp.where(done, self.pad_id, tok)
+            lp = jnp.where(done, 0.0, _token_logprob(logits, tok))
+            out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
+            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
+            done = done | jnp.isin(tok, stop)
+            return step + 1, cache, kv_mask, out_tok, out_lp, done, pos + 1
+
+        carry = (state.step, state.cache, state.kv_mask, state.out_tok, state.out_lp, state.done, state.pos)
+        step, cache, kv_mask, out_tok, out_lp, done, pos = jax.lax.while_loop(cond, body, carry)
+        rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+        state = DecodeState(step, cache, rows(kv_mask), rows(out_tok), rows(out_lp), rows(done), rows(pos))
+        return state, (step >= max_new) | jnp.all(done)
+
+    def _empty_cache(self, batch: int, slots: int, per_layer: bool) -> KVCache:
+        cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype, per_layer=per_layer)
+        if per_layer:
+            return KVCache(*([parallel.constrain(x, a[1:]) for x in xs] for xs, a in zip(cache, KVCache.AXES)))
+        return KVCache(*(parallel.constrain(x, a) for x, a in zip(cache, KVCache.AXES)))
+
+    def _layer_loop(self, model):
+        """(forward(tokens, positions, mask, cache, index) -> (hidden, cache), logits(hidden),
+        per-layer weights or None for the scanned stack)."""
         if self.layer_loop == "scan":
-            cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype)
-            return model, model.logits, KVCache(*(parallel.constrain(x, a) for x, a in zip(cache, KVCache.AXES)))
-        # Per-layer weight copies are made here, once per call, outside the decode loop.
+            return model, model.logits, None
+        # Per-layer weight copies are made here, once per program, outside the decode loop.
         from ophsd_jax.models import cpu
 
         layers = cpu.layer_weights(model, split_outputs=2)  # two threads per output projection
-        cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype, per_layer=True)
-        cache = KVCache(*([parallel.constrain(x, a[1:]) for x in xs] for xs, a in zip(cache, KVCache.AXES)))
         forward = lambda *a: cpu.forward_layers(model, layers, *a)  # noqa: E731
-        return forward, lambda h: cpu.decode_logits(model, h), cache
+        return forward, lambda h: cpu.decode_logits(model, h), layers
 
 
 def _token_logprob(logits, tok):

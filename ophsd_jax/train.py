@@ -27,7 +27,7 @@ import numpy as np
 from ophsd_jax import runtime
 from ophsd_jax.distill.batch import build_pair_batch
 from ophsd_jax.parallel import to_host
-from ophsd_jax.run import Run
+from ophsd_jax.run import Run, StopRequested
 from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
 
 log = logging.getLogger("ophsd_jax.train")
@@ -37,9 +37,20 @@ def train(config, workdir: str) -> dict:
     """Run (or resume) training; returns the final evaluation summary."""
     run = Run.create(config, workdir)
     c, task, tok = run.config, run.data.task, run.tokenizer
+    bar = run.progress()
+    try:
+        _train_loop(run, c, task, tok, bar)
+    except StopRequested:  # SIGTERM on any process: the step in progress is abandoned
+        run.save_stopped()
+    bar.close()
+    return run.finish()
+
+
+def _train_loop(run: Run, c, task, tok, bar) -> None:
     if run.step == 0 and c.train.eval_before:
         run.evaluate(0)
-    bar = run.progress()
+    if run.pending_metrics is not None:  # stopped during the evaluation after this step: finish it
+        run.end_step(run.step, run.pending_metrics, bar)
     for step in range(run.step, c.train.steps):
         examples = run.next_examples()  # this process's share of the batch
         key = jax.random.fold_in(run.rng, step)
@@ -69,16 +80,13 @@ def train(config, workdir: str) -> dict:
             harness_rewards = [task.reward(r.final_response, e) if r.final_response else np.nan
                                for r, e in zip(results, examples)]
             batch, weights, metrics = run.global_batch(batch, harness_rewards)  # all processes' rows
+            run.poll()  # the last point to abandon the step: the update runs to its end
             if metrics["batch/valid"]:
                 run.state, step_metrics = run.train_step(run.state, run.teacher_params, batch, weights)
                 metrics.update(jax.tree.map(to_host, step_metrics))
         run.observe(examples)  # 4. bookkeeping (memory bank)
         metrics.update(run.step_metrics(step, examples, rollout, results, harness_rewards))
         run.end_step(step + 1, metrics, bar)
-        if run.preempted:
-            break
-    bar.close()
-    return run.finish()
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, num_examples: int | None = None,
@@ -179,7 +187,7 @@ def main(argv):
         if jax.process_index() != 0:  # one voice: only process 0 logs progress
             logging.getLogger("ophsd_jax").setLevel(logging.WARNING)
         validate(config)
-        signal.signal(signal.SIGTERM, Run.request_stop)  # preemption: finish the step, save, exit 0
+        signal.signal(signal.SIGTERM, Run.request_stop)  # preemption: abandon the step, save the last, exit 0
         return train(config, workdir)
 
     run_cli(go, workdir, create_workdir=True)

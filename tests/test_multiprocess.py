@@ -163,3 +163,56 @@ def test_two_processes_of_four_devices_match_one_of_eight(data, tmp_path):
     assert p_two.keys() == p_one.keys()
     for k in p_one:
         np.testing.assert_array_equal(p_two[k], p_one[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_both_at_the_same_point(tmp_path):
+    """SIGTERM to process 1 only, while both are in the (long) rollout of step 2: both
+    abandon the step at the same sampler segment (the stop flag is agreed there), save step
+    1 together and exit 0 within seconds; the same two-process command then resumes."""
+    import signal
+    import time
+
+    workdir, marker = tmp_path / "two", tmp_path / "in_slow_phase"
+    args = ("--config.train.save_every=100", *(a for a in ARGS if "save_every" not in a))
+    e = {**env(1), "OPHSD_TEST_SLOW": "rollout:2", "OPHSD_TEST_MARKER": str(marker)}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "stop_driver.py"), "--config", TINY,
+                               "--workdir", str(workdir), *args, f"--coordinator=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        t0 = time.perf_counter()
+        while not marker.exists():
+            assert all(p.poll() is None for p in procs), "a process ended early"
+            assert time.perf_counter() - t0 < 600, "the slow rollout never started"
+            time.sleep(0.2)
+        t0 = time.perf_counter()
+        procs[1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=120)[1] for p in procs]  # a process that never stops: a timeout failure
+        seconds = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+        assert "stopped after step 1" in err
+    assert seconds < 20, f"{seconds:.1f} s from SIGTERM to exit"  # as in test_trainer.py (STOP_SECONDS)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
+    assert losses(workdir)[0] == [1]
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "ophsd_jax.train", "--config", TINY, "--workdir", str(workdir),
+                               *args, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert f"resumed from {workdir}/checkpoints/1" in outs[0][1]
+    steps, loss = losses(workdir)
+    assert steps == [1, 2, 3] and np.all(np.isfinite(loss))

@@ -254,3 +254,41 @@ def test_sharded_generation_matches_single_device(model, layer_loop):
     assert out.tokens == ref.tokens
     for a, b in zip(out.logprobs, ref.logprobs):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
+def test_decode_segments_match_one_program_and_can_be_abandoned(model, layer_loop):
+    """Decoding in segments of 3 steps gives the tokens and log-probs of one segment, bit for
+    bit; `poll` runs before the start and between segments (where a stop abandons the call)."""
+    _, cfg, graphdef, params = model
+
+    def sampler(segment):
+        return Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                       prompt_buckets=(16, 32), new_token_buckets=(16,), layer_loop=layer_loop,
+                       decode_segment=segment)
+
+    kw = dict(max_new_tokens=13, rng=jax.random.key(1), temperature=1.0, top_k=5)
+    whole = sampler(16).generate(params, PROMPTS, **kw)
+    segmented, polls = sampler(3), []
+    segmented.poll = lambda: polls.append(len(polls))
+    parts = segmented.generate(params, PROMPTS, **kw)
+    assert parts.tokens == whole.tokens and parts.lengths.tolist() == whole.lengths.tolist() == [13] * 3
+    for a, b in zip(parts.logprobs, whole.logprobs):
+        np.testing.assert_array_equal(a, b)
+    # start: prefill + tokens 2-4; then 5-7, 8-10, 11-13: one poll before each program
+    assert len(polls) == 4
+
+    class Abandoned(Exception):
+        pass
+
+    def poll():
+        polls.append(len(polls))
+        if len(polls) == 2:  # before the second program (the first segment after the start)
+            raise Abandoned
+
+    polls.clear()
+    segmented.poll = poll
+    with pytest.raises(Abandoned):
+        segmented.generate(params, PROMPTS, **kw)
+    segmented.poll = None  # the sampler is fine after an abandoned call
+    assert segmented.generate(params, PROMPTS, **kw).tokens == whole.tokens

@@ -1,8 +1,11 @@
 """The training CLI end to end on configs/tiny.py: metrics, checkpoints, evaluate,
-export (loaded by transformers), resume after SIGKILL (bitwise), SIGTERM, a truncated
-checkpoint, and one-line errors."""
+export (loaded by transformers), resume after SIGKILL (bitwise), SIGTERM during a long
+rollout or evaluation (abandoned at once; the resumed run is bitwise the uninterrupted
+one), a truncated checkpoint, an incompatible one (an error, the work dir untouched), a
+resume on another device count, and one-line errors."""
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -16,14 +19,17 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
+STOP_DRIVER = os.path.join(ROOT, "tests", "stop_driver.py")
 METRIC_KEYS = ("loss", "grad_norm", "student_entropy", "tokens", "skipped_updates", "rollout/reward",
                "harness/reward", "lr", "tokens_per_s", "time/rollout_s", "time/harness_s", "time/update_s",
                "time/rollout_share", "batch/skipped", "harness/mode_plan_solve")
 
 
-def env():
+def env(devices=1):
     e = dict(os.environ)
     e.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
+    if devices > 1:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e["PYTHONPATH"] = ROOT
     return e
 
@@ -161,20 +167,105 @@ def test_sigkill_then_resume_is_bitwise_identical(finished_run, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_sigterm_saves_the_current_step(tmp_path):
-    workdir = tmp_path / "term"
-    args = [sys.executable, "-m", "ophsd_jax.train", *train_args(workdir, "--config.train.save_every=100",
-                                                                 "--config.train.steps=50",
-                                                                 "--config.train.eval_every=100",
-                                                                 "--config.train.eval_before=false")]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 1, proc)
+# A stop must fit a TPU preemption notice (~30 s): abandoning the step leaves only the save
+# of the last completed step (a few MB here) and the process exit. The slow phase of the
+# driver would otherwise run for hours, so a stop that waited for the step never comes.
+STOP_SECONDS = 20
+
+
+def timing_free(rows):
+    """Metrics rows by step without wall-clock values (the only ones a resume may change)."""
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"}
+            for r in rows}
+
+
+@pytest.mark.parametrize("phase,step", [("rollout", 3), ("eval", 2)])
+def test_sigterm_abandons_the_step_then_resume_is_bitwise_identical(finished_run, tmp_path, phase, step):
+    """SIGTERM while the rollout of step 3 (or the evaluation after step 2) runs: the run
+    exits 0 within seconds with a checkpoint of step 2, the last completed one; run again,
+    it ends with the params and metrics of the uninterrupted run."""
+    ref_dir, _ = finished_run
+    workdir, marker = tmp_path / "term", tmp_path / "in_slow_phase"
+    args = train_args(workdir, "--config.train.save_every=100")  # no checkpoint but the stop's
+    e = {**env(), "OPHSD_TEST_SLOW": f"{phase}:{step}", "OPHSD_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, STOP_DRIVER, *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(marker.exists, proc)
+    t0 = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0
-    last = read_metrics(workdir)[-1]["step"]
-    assert last < 50
-    assert complete_steps(workdir) == [last]
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"no exit within 120 s of SIGTERM (in the {phase} phase)")
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, err[-3000:]
+    assert seconds < STOP_SECONDS, f"{seconds:.1f} s from SIGTERM to exit"
+    assert complete_steps(workdir) == [2]
+    # The evaluation after step 2 was abandoned: its row waits for the resumed run.
+    assert [r["step"] for r in read_metrics(workdir)] == ([1, 2] if phase == "rollout" else [1])
+    assert "stopped after step 2" in err
+
+    resumed = cli("ophsd_jax.train", *args)
+    assert f"resumed from {workdir}/checkpoints/2" in resumed.stderr
+    rows, ref_rows = read_metrics(workdir), read_metrics(ref_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert timing_free(rows) == timing_free(ref_rows)
+    assert any("eval/avg@2" in r for r in rows if r["step"] == 2)
+    a, b = final_params(ref_dir, 4), final_params(workdir, 4)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def workdir_state(workdir):
+    """Every path under `workdir` with its mtime, size and content hash."""
+    out = {}
+    for root, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else None
+            out[os.path.relpath(path, workdir)] = (st.st_mtime_ns, st.st_size, digest)
+    return out
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.model.random.intermediate_size=96", "model intermediate_size=128 in the checkpoint, 96 in this run"),
+    ("--config.model.param_dtype=bfloat16", "model param_dtype='float32' in the checkpoint, 'bfloat16' in this run"),
+    ("--config.model.random.rope_theta=500000.0", "model rope_theta=10000.0 in the checkpoint, 500000.0 in this run"),
+], ids=["shape", "dtype", "model"])
+def test_incompatible_checkpoint_is_one_line_and_touches_nothing(finished_run, tmp_path, override, expected):
+    import shutil
+
+    workdir = tmp_path / "changed"
+    shutil.copytree(finished_run[0], workdir)
+    before = workdir_state(workdir)
+    proc = cli("ophsd_jax.train", *train_args(workdir, "--config.train.steps=6", override), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: IncompatibleCheckpoint: checkpoint {workdir}/checkpoints/4 does not fit this config: "
+                      f"{expected} (resume with the config it was saved with, or use another work dir) "
+                      "(OPHSD_TRACEBACK=1 shows the traceback)"], proc.stderr[-3000:]
+    assert "is unreadable" not in proc.stderr  # not mistaken for a corrupt one
+    assert workdir_state(workdir) == before
+
+
+def test_resume_on_another_device_count(finished_run, tmp_path):
+    """Saved on 1 device, resumed on 8 (fsdp=2 x tensor=4: the batch of 2 rows needs at most
+    2 batch shards): continues from the checkpoint. (Bitwise equality of the restored state
+    across meshes, 1 <-> 8 devices: tests/test_checkpoint_restore.py.)"""
+    import shutil
+
+    workdir = tmp_path / "wider"
+    shutil.copytree(finished_run[0], workdir)
+    args = train_args(workdir, "--config.train.steps=5", "--config.mesh.fsdp=2", "--config.mesh.tensor=4")
+    proc = subprocess.run([sys.executable, "-m", "ophsd_jax.train", *args], cwd=ROOT, env=env(devices=8),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4" in proc.stderr
+    assert "on mesh {'data': 1, 'fsdp': 2, 'tensor': 4}" in proc.stderr
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5]
 
 
 def test_truncated_newest_checkpoint_falls_back(finished_run, tmp_path):
