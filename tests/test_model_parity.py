@@ -90,3 +90,30 @@ def test_bf16_and_remat(tmp_path):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         # atol relative to the leaf's scale: fusions differ, so tiny entries differ in the last bits
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("head", ["different", "copy_of_embedding"])
+def test_tied_config_with_stored_head_matches_transformers(head, tmp_path):
+    """tie_word_embeddings=true, but the file also stores lm_head.weight: transformers keeps
+    a head that differs from the embedding (untied) and ties an exact copy; so do we."""
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    path = save_hf_model(make_hf_model("llama", tie_word_embeddings=True), tmp_path / "m")
+    tensors = load_file(f"{path}/model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    stored = embed.copy()
+    if head == "different":
+        stored = np.random.default_rng(5).normal(0, 0.08, embed.shape).astype(embed.dtype)
+    tensors["lm_head.weight"] = stored
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    cfg, graphdef, params = load_hf(path, parallel.single_device_mesh())
+    hf_tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert cfg.tie_word_embeddings == hf_tied == (head == "copy_of_embedding")
+    tokens, mask = ragged_batch(cfg.vocab_size, [21, 8], seed=4)
+    ref = hf_logits(hf, tokens, mask)
+    ours = our_logits(graphdef, params, tokens, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=1e-4)

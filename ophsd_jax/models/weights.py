@@ -8,6 +8,7 @@ both read it, so they cannot drift apart.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Callable, Mapping
@@ -19,6 +20,9 @@ from safetensors.numpy import save_file
 
 from ophsd_jax.models import state as model_state
 from ophsd_jax.models.config import ModelConfig
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -100,7 +104,8 @@ def assemble(cfg: ModelConfig, tensors: Mapping[str, Callable[[], np.ndarray]], 
         expected.update({name: ours for name in hf_names(cfg, ours)})
     unknown = sorted(n for n in tensors if n not in expected and not IGNORED.match(n))
     if cfg.tie_word_embeddings:
-        unknown = [n for n in unknown if n != "lm_head.weight"]  # some tied checkpoints store it anyway
+        # some tied checkpoints store a copy of the embedding (load_hf unties a different one)
+        unknown = [n for n in unknown if n != "lm_head.weight"]
     if unknown:
         raise CheckpointError(f"{source}: unexpected tensor(s) for a {cfg.family} model: {unknown[:5]}")
     missing = sorted(n for n in expected if n not in tensors)
@@ -175,13 +180,33 @@ def _read_tensor(fpath: str, name: str) -> np.ndarray:
         raise CheckpointError(f"{fpath}: cannot read tensor {name!r} ({e})") from e
 
 
+def untie_if_stored_head_differs(cfg: ModelConfig, tensors: Mapping[str, Callable[[], np.ndarray]],
+                                 source: str) -> ModelConfig:
+    """`cfg` with an untied head when a tied config comes with its own, different lm_head.weight.
+
+    transformers (5.x) does the same: it ties only when the stored head equals the
+    embedding exactly, else it keeps both and warns. Equal tensors stay tied (the
+    stored copy is redundant).
+    """
+    if not cfg.tie_word_embeddings or "lm_head.weight" not in tensors or "model.embed_tokens.weight" not in tensors:
+        return cfg
+    head, embed = tensors["lm_head.weight"](), tensors["model.embed_tokens.weight"]()
+    if head.shape == embed.shape and np.array_equal(head, embed):
+        return cfg
+    log.warning("%s: config.json says tie_word_embeddings=true, but lm_head.weight differs from the embedding; "
+                "keeping the stored head untied, as transformers does", source)
+    return cfg.replace(tie_word_embeddings=False)
+
+
 def load_hf(path: str, mesh: Mesh, **config_overrides):
     """(cfg, graphdef, params) from a Hugging Face folder, placed on `mesh`."""
     try:
         cfg = ModelConfig.from_hf(read_hf_config(path), **config_overrides)
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
-    get_array = assemble(cfg, safetensors_index(path), source=path)
+    tensors = safetensors_index(path)
+    cfg = untie_if_stored_head_differs(cfg, tensors, source=path)
+    get_array = assemble(cfg, tensors, source=path)
     graphdef, params = model_state.place_params(cfg, mesh, get_array)
     return cfg, graphdef, params
 
