@@ -91,10 +91,10 @@ def logits_atol(cfg, graphdef, params, seq_len: int) -> float:
 
 
 def log_softmax_atol(logits_tol: float, vocab: int) -> float:
-    """log_softmax(z) = z - logsumexp(z): a logit error e moves each log-probability by at
-    most 2e (z_v and the log-sum-exp, which is 1-Lipschitz in the max norm); the log-sum-exp
-    of V positive terms adds a relative error prob(V) of the sum, an absolute one of its log.
-    Twice that for two computations."""
+    """Two computations of log_softmax(z) = z - logsumexp(z) from logits that differ by at most
+    `logits_tol`: that moves each log-probability by at most twice as much (z_v and the
+    log-sum-exp, which is 1-Lipschitz in the max norm); each side's log-sum-exp of V positive
+    terms adds a relative error prob(V) to the sum, an absolute one to its log."""
     return 2 * logits_tol + pair(prob(vocab + 2))
 
 
@@ -124,8 +124,8 @@ def divergence_atol(student_logits, teacher_logits, mask, logits_err: float, wei
     Per token, with d = log p_s - log p_t (float64 here, from the given logits):
     * the two log-sum-exps over V positive terms: prob(V + 2) each, absolute;
     * each log-probability, rounded at most 3 times: 3u * |log p|, weighted by p_s, i.e.
-      3u * (H(p_s) + CE(p_s, p_t)), and the weighted sum over V: gamma-free since it is the
-      expectation of d, prob(V) * E|d|;
+      3u * (H(p_s) + CE(p_s, p_t));
+    * the V-term expectation of d itself: prob(V) * E|d|;
     * the logits' own error, through the first-order sensitivity of the KL:
       |dKL| <= e * (||p_s * (d - KL)||_1 + ||p_s - p_t||_1);
     * the token mean: prob(N) relative.
