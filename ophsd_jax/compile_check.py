@@ -2,7 +2,7 @@
 report whether each one fits in device memory.
 
     python -m ophsd_jax.compile_check --config configs/qwen3_8b_math.py --target v5p-64
-    python -m ophsd_jax.compile_check --config configs/qwen3_8b_math.py --target 8xH100 \
+    python -m ophsd_jax.compile_check --config configs/qwen3_8b_math.py --target 8xH100 \\
         --config.distill.micro_batches=4 --programs train,rollout
 
 Needs the compile-only extras (`pip install -r requirements-compile.txt`: libtpu for TPU
@@ -27,6 +27,9 @@ import os
 # Compile-only: never touch an accelerator (and never query a TPU VM's metadata server).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant to stop two processes sharing
+# chips; a deviceless compile holds no chips, so two checks (or a check and a test) may run.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -142,7 +145,8 @@ def model_config(c, preset: str | None = None):
     from ophsd_jax.models.config import ModelConfig
 
     m = c.model
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, remat_policy=m.remat_policy,
+              attention=m.attention)
     if preset or (m.source == "hf" and not m.path):
         name = preset or "qwen3-8b"
         presets = {"qwen3-8b": ModelConfig.qwen3_8b, "smollm2-135m": ModelConfig.smollm2_135m}
@@ -205,11 +209,11 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         cfg = cfg.replace(num_layers=num_layers)
     graphdef, params = abstract_params(cfg, mesh)
     optimizer = runtime.optimizer(c)
-    state = init_train_state(params, optimizer, mesh)
-    teacher = None
-    if c.distill.teacher == "initial":
-        teacher = jax.tree.map(lambda a: abstract(a.shape, cfg.dtype, a.sharding), params)
+    # Full fine-tuning: the weights + a frozen copy ("initial"); LoRA: the adapter + the base weights.
+    trained, teacher = runtime.trainable_params(c, cfg, params, mesh, abstract=True)
+    state = init_train_state(trained, optimizer, mesh)
     resident = device_bytes(state) + device_bytes(teacher)
+    lora_on = runtime.lora_config(c) is not None
     out = []
 
     B = c.train.batch_size
@@ -217,7 +221,7 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
     error = micro_batch_rows_error(B, m, mesh)
     if error:
         raise ValueError(f"config.{error} (mesh {dict(mesh.shape)})")
-    step = TrainStep(graphdef, runtime.step_config(c, mesh), optimizer, mesh, state)
+    step = TrainStep(graphdef, runtime.step_config(c, mesh), optimizer, mesh, state, teacher_params=teacher)
     rows = step.batch_sharding
     S, T, R = c.distill.student_buckets[-1], c.distill.teacher_buckets[-1], c.distill.response_buckets[-1]
     R = min(R, c.rollout.max_new_tokens if not c.distill.max_response_tokens else c.distill.max_response_tokens)
@@ -255,9 +259,10 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         kw = dict(n_new_bucket=new, greedy=False, use_top_k=top_k > 0, use_top_p=top_p < 1,
                   top_k_cap=top_k_cap(top_k, cfg.vocab_size))
         # The sampler reads the training params; the optimizer state and teacher stay resident.
+        # LoRA: it reads a merged copy of the weights (the argument), beside the whole train state and base.
         out.append(Program(f"generate_{name}[B={Bs},P={prompt_len},new={new}]",
                            lambda args=args, kw=kw: sampler._jitted.lower(*args, **kw),
-                           resident - device_bytes(params)))
+                           resident - (0 if lora_on else device_bytes(params))))
     if programs:
         out = [p for p in out if p.name.split("[")[0] in programs or p.name.split("[")[0].split("_", 1)[-1]
                in programs]

@@ -31,6 +31,9 @@ def base_config() -> mlc.ConfigDict:
     c.model.param_dtype = "float32"  # float32 | bfloat16
     c.model.dtype = "float32"  # compute dtype
     c.model.remat = False  # rematerialise each layer in the backward pass
+    # with remat, what a layer keeps for the backward: nothing (least memory) | dots (matmul
+    # outputs) | attn_out (the attention output: skips re-running attention) | qkv_attn_out
+    c.model.remat_policy = "nothing"
     # self-attention: auto (splash on TPU, Pallas flash on GPU, dense query blocks on CPU up
     # to 4k tokens, blockwise beyond) | dense | blockwise | splash | pallas_gpu
     c.model.attention = "auto"
@@ -45,6 +48,16 @@ def base_config() -> mlc.ConfigDict:
     c.model.random.tie_word_embeddings = True
     c.model.chat_template_kwargs = mlc.ConfigDict()  # e.g. enable_thinking=False for Qwen3
     c.model.chat_template_kwargs.enable_thinking = False
+
+    # ---- LoRA (models/lora.py) ----------------------------------------------------------
+    # rank > 0: train low-rank adapters only (gradients and Adam moments for them alone);
+    # the base weights stay frozen in model.param_dtype. distill.teacher="initial" is then
+    # the base with the adapter off (no second copy), "current" base + adapter (no grad).
+    c.lora = mlc.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank
+    c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get an adapter
+    c.lora.dtype = "float32"  # the adapter's dtype (float32 | bfloat16)
 
     # ---- devices ----------------------------------------------------------------------
     c.mesh = mlc.ConfigDict()
@@ -86,6 +99,12 @@ def base_config() -> mlc.ConfigDict:
     c.distill.keep_fraction = 1.0  # < 1: entropy-weighted token subsampling
     c.distill.reward_weight_beta = 0.0  # > 0: per-sample weights softmax(harness reward / beta) * n
     c.distill.max_response_tokens = 0  # cap on response tokens in the loss (0 = all)
+    # A teacher context + response longer than the largest teacher bucket: skip (the pair
+    # is skipped and counted, batch/skipped_teacher_too_long) | shorten (cut only the
+    # harness's inserted material - plan, reference solution, retrieved examples - each
+    # piece ending in a " […]" marker; counted in batch/teacher_shortened). The problem and
+    # the chat template are never cut.
+    c.distill.teacher_overflow = "skip"
     c.distill.student_buckets = (256, 512, 1024, 2048, 4096)
     c.distill.teacher_buckets = (512, 1024, 2048, 4096, 8192, 12288)
     c.distill.response_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -136,11 +155,14 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "dense", "blockwise", "splash", "pallas_gpu"),
+    "lora.dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("nothing", "dots", "attn_out", "qkv_attn_out"),
     "task": ("math", "lawbench", "uspto"),
     "data.on_error": ("raise", "skip"),
     "harness.name": ("", "plan_solve", "draft_verify", "opsd"),
     "distill.kind": ("reverse_kl", "forward_kl", "jsd"),
     "distill.teacher": ("initial", "current"),
+    "distill.teacher_overflow": ("skip", "shorten"),
     "optim.schedule": ("constant", "warmup_cosine"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints",
@@ -213,5 +235,13 @@ def validate(c: mlc.ConfigDict) -> None:
             bad(key, "must be a non-empty increasing tuple of positive lengths")
     if c.rollout.max_new_tokens > c.distill.response_buckets[-1]:
         bad("rollout.max_new_tokens", f"exceeds the largest response bucket {c.distill.response_buckets[-1]}")
+    if not isinstance(c.lora.rank, int) or c.lora.rank < 0:
+        bad("lora.rank", "must be an integer >= 0 (0 = full fine-tuning)")
+    if c.lora.rank and not c.lora.alpha > 0:
+        bad("lora.alpha", "must be > 0")
+    lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
+    if c.lora.rank and (isinstance(c.lora.targets, str) or not c.lora.targets
+                        or any(t not in lora_targets for t in c.lora.targets)):
+        bad("lora.targets", f"must be a non-empty tuple of {list(lora_targets)}")
     if c.data.train.get("kind") is None:
         bad("data.train", "needs a 'kind'")

@@ -5,7 +5,10 @@ as a CLI on a work dir:
     python -m ophsd_jax.evaluate --workdir DIR [--step N] [--k 8] [--num_examples 64]
 
 Writes `<workdir>/eval/step_<N>.jsonl` (one line per example: prompt, responses,
-extracted answers, rewards, harness response) and `step_<N>_summary.json`.
+extracted answers, rewards, harness response) and `step_<N>_summary.json`. An example
+whose prompt is longer than the sampler's largest prompt bucket is not scored (record
+`"unscored"`, harness mode `skipped_<phase>`) and counted: `eval/unscored`,
+`eval/harness_unscored`; the accuracies cover the scored examples.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import jax
 import numpy as np
 
+from ophsd_jax.harnesses.base import SKIPPED
 from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
 
 log = logging.getLogger(__name__)
@@ -44,28 +48,38 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
                                template_kwargs=template_kwargs)
     records = []
     for i, (e, m) in enumerate(zip(examples, convs)):
-        texts = out.texts[i * k:(i + 1) * k]
+        rows = [j for j in range(i * k, (i + 1) * k) if not out.skipped[j]]  # all k or none: the same prompt
+        texts = [out.texts[j] for j in rows]
         rewards = [float(task.reward(t, e)) for t in texts]
         records.append({"id": e.get("id", first_index + i), "prompt": m[-1]["content"], "responses": texts,
                         "extracted": [task.extract_answer(t) for t in texts], "rewards": rewards,
                         "reference": task.reference_answer(e),
-                        "response_tokens": [len(t) for t in out.tokens[i * k:(i + 1) * k]]})
+                        "response_tokens": [len(out.tokens[j]) for j in rows]})
+        if not rows:  # longer than the sampler's largest prompt bucket: counted, not scored
+            records[-1]["unscored"] = "prompt_too_long"
     if harness is not None:
         gen = make_generate_chat(sampler, tokenizer, params, jax.random.fold_in(rng, 1),
                                  template_kwargs=template_kwargs)
         results = harness.run(list(examples), gen)
+        bank = getattr(harness, "bank", None)  # retrieval harnesses: the bank it retrieved from
         for rec, res, e in zip(records, results, examples):
             rec["harness_response"] = res.final_response
             rec["harness_mode"] = res.mode
             rec["harness_reward"] = float(task.reward(res.final_response, e)) if res.final_response else None
+            if bank is not None:
+                rec["harness_bank_size"] = len(bank)
     if gather is not None:
         records = gather(records)
     summary = {f"eval/avg@{k}": _mean([r for rec in records for r in rec["rewards"]]),
-               f"eval/pass@{k}": _mean([max(rec["rewards"]) for rec in records]),
-               "eval/response_tokens": float(np.mean([n for rec in records for n in rec["response_tokens"]])),
-               "eval/examples": len(records)}
-    if harness is not None:
+               f"eval/pass@{k}": _mean([max(rec["rewards"]) for rec in records if rec["rewards"]]),
+               "eval/response_tokens": _mean([n for rec in records for n in rec["response_tokens"]]),
+               "eval/examples": len(records),
+               "eval/unscored": sum("unscored" in rec for rec in records)}
+    if harness is not None:  # accuracy over the examples the harness could answer; the others counted
         summary["eval/harness_acc"] = _mean([rec["harness_reward"] for rec in records])
+        summary["eval/harness_unscored"] = sum(rec["harness_mode"].startswith(SKIPPED) for rec in records)
+        if bank is not None:
+            summary["eval/harness_bank_size"] = len(bank)
     return summary, records
 
 
@@ -87,7 +101,8 @@ def main(argv):
     from ophsd_jax import train
 
     summary = train.run_cli(lambda: train.evaluate_workdir(FLAGS.workdir, step=FLAGS.step,
-                                                           num_examples=FLAGS.num_examples, k=FLAGS.k))
+                                                           num_examples=FLAGS.num_examples, k=FLAGS.k),
+                            FLAGS.workdir, command="evaluate")
     print(json.dumps(summary))
 
 

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
@@ -56,23 +57,48 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are available"
         )
-    try:  # topology-aware device order on TPU / multi-host
-        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
-    except Exception:  # noqa: BLE001 - CPU / odd counts: plain order is fine
-        arr = np.asarray(devices).reshape(sizes)
-    return Mesh(process_major(arr, devices), MESH_AXES)
+    return Mesh(device_grid(sizes, devices), MESH_AXES)
 
 
-def process_major(arr: np.ndarray, devices: Sequence) -> np.ndarray:
-    """`arr` if its devices, read in order, go process by process; else `devices` so ordered.
+def device_grid(sizes: Sequence[int], devices: Sequence) -> np.ndarray:
+    """`devices` arranged in an array of shape `sizes`, one contiguous block per process.
 
-    Multi-process: each process then owns one contiguous block of the mesh, in process
-    order, so its devices hold one contiguous block of batch rows (see `batch_share`).
+    Read in order, the array goes process by process (each process's devices then hold
+    one contiguous block of batch rows, see `batch_share`); within its block, a process's
+    devices are laid out by `mesh_utils.create_device_mesh` (topology-aware on TPU, id
+    order on GPU, given order on CPU). Where the processes cannot each take a block of
+    that shape, the devices go in process order, plainly reshaped.
     """
-    procs = [d.process_index for d in arr.flat]
-    if procs == sorted(procs):
-        return arr
-    return np.asarray(sorted(devices, key=lambda d: d.process_index)).reshape(arr.shape)
+    local: dict[int, list] = {}
+    for d in devices:
+        local.setdefault(d.process_index, []).append(d)
+    groups = [local[p] for p in sorted(local)]
+    blocks = process_blocks(sizes, len(groups))
+    if blocks is None or len({len(g) for g in groups}) > 1:
+        log.warning("mesh %s: %d processes cannot each take one block of it; devices in process order",
+                    dict(zip(MESH_AXES, sizes)), len(groups))
+        return np.asarray([d for g in groups for d in g], object).reshape(sizes)
+    inner = [s // b for s, b in zip(sizes, blocks)]
+    out = np.empty(sizes, object)
+    for p, group in enumerate(groups):
+        corner = np.unravel_index(p, blocks)
+        out[tuple(slice(c * n, (c + 1) * n) for c, n in zip(corner, inner))] = \
+            mesh_utils.create_device_mesh(inner, group, allow_split_physical_axes=True)
+    return out
+
+
+def process_blocks(sizes: Sequence[int], n: int) -> list[int] | None:
+    """Processes along each mesh axis such that process p's block of the mesh is the p-th
+    contiguous run of devices in row-major order: whole leading axes, then a divisor of
+    the next one (e.g. sizes (2, 4, 1), 4 processes -> (2, 2, 1)). None if impossible."""
+    out = []
+    for s in sizes:
+        take = s if n % s == 0 else n if s % n == 0 else None
+        if take is None:
+            return None
+        out.append(take)
+        n //= take
+    return out if n == 1 else None
 
 
 def single_device_mesh() -> Mesh:

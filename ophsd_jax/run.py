@@ -24,6 +24,7 @@ from ophsd_jax.distill.step import (TrainStep, init_train_state, learning_rate_s
                                    OptimConfig)
 from ophsd_jax.evaluate import evaluate, write_eval
 from ophsd_jax.metrics import MetricsWriter, PhaseTimer, progress_bar
+from ophsd_jax.models import lora as lora_lib
 
 log = logging.getLogger("ophsd_jax.train")
 
@@ -31,6 +32,7 @@ log = logging.getLogger("ophsd_jax.train")
 class Run:
     _stop_requested = False  # set by the signal handler, on this process only
     _stopping = False  # agreed by all processes at the end of each step
+    _eval_harness = None  # the harness re-attached at evaluation, made at the first one
 
     @classmethod
     def request_stop(cls, signum=None, frame=None):
@@ -64,10 +66,12 @@ class Run:
         self.rng = jax.random.key(c.seed)
         self.optimizer = runtime.optimizer(c)
         # "initial": a frozen copy of the starting weights (reloaded from the source on resume).
-        # Kept in the compute dtype: it is only ever read by bf16/fp32 forward passes.
-        self.teacher_params = (jax.tree.map(lambda x: x.astype(self.model_cfg.dtype) + 0, params)
-                               if c.distill.teacher == "initial" else None)
-        self.state = init_train_state(params, self.optimizer, self.mesh)
+        # LoRA: the state trains the adapter; the base weights (reloaded likewise) are the
+        # step's second argument, and the sampler gets base + adapter merged once per step.
+        self.lora = runtime.lora_config(c)
+        trained, self.teacher_params = runtime.trainable_params(c, self.model_cfg, params, self.mesh)
+        self._merge = lora_lib.make_merge(params) if self.lora else None
+        self.state = init_train_state(trained, self.optimizer, self.mesh)
         self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                       async_save=c.train.async_checkpoints)
@@ -76,7 +80,8 @@ class Run:
         if for_eval:
             return self
         runtime.save_config(c, workdir)
-        self.train_step = TrainStep(self.graphdef, runtime.step_config(c, self.mesh), self.optimizer, self.mesh, self.state)
+        self.train_step = TrainStep(self.graphdef, runtime.step_config(c, self.mesh), self.optimizer, self.mesh,
+                                    self.state, teacher_params=self.teacher_params)
         self.buckets = Buckets.make({"student": c.distill.student_buckets, "teacher": c.distill.teacher_buckets,
                                      "response": c.distill.response_buckets})
         self.writer = MetricsWriter(workdir)
@@ -89,6 +94,13 @@ class Run:
                  self.model_cfg.family, self.model_cfg.num_params() / 1e6, dict(self.mesh.shape),
                  len(self.data.train), len(self.data.eval or []), self.step)
         return self
+
+    def sample_params(self):
+        """The weights the sampler generates with: the training params, or with LoRA the
+        base + adapter merged into one copy (call once per step; see docs/benchmarks.md)."""
+        if self.lora is None:
+            return self.state.params
+        return self._merge(self.teacher_params, self.state.params, self.lora.scale)
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -106,6 +118,8 @@ class Run:
     def save(self, step: int):
         harness_json, arrays = split_arrays(self.harness.state_dict())
         host = {"step": step, "seed": self.config.seed, "data_iter": self.data_iter.state(), "harness": harness_json}
+        if self.lora is not None:  # the state holds the adapter; the base is reloaded from its source
+            host["lora_base"] = {k: self.config.model[k] for k in ("source", "path")}
         self.ckpt.save(step, self.state, host, arrays)
 
     # ---- per step ----------------------------------------------------------------------
@@ -157,17 +171,18 @@ class Run:
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
         task = self.data.task
-        per_example = {"rewards": [float(task.reward(t, e)) for t, e in zip(rollout.texts, examples)],
-                       "tokens": [len(t) for t in rollout.tokens], "modes": [r.mode for r in results],
-                       "harness": [float(r) for r in harness_rewards]}
+        # NaN where nothing was sampled (the prompt did not fit the sampler; counted in batch/skipped_*)
+        per_example = {"rewards": [float(task.reward(t, e)) if t is not None else np.nan
+                                   for t, e in zip(rollout.texts, examples)],
+                       "tokens": [np.nan if s else len(t) for t, s in zip(rollout.tokens, rollout.skipped)],
+                       "modes": [r.mode for r in results], "harness": [float(r) for r in harness_rewards]}
         if self.share[1] > 1:  # every process's examples, so that process 0 logs whole-batch numbers
             parts = parallel.allgather_json(per_example)
             per_example = {k: [x for p in parts for x in p[k]] for k in per_example}
-        rewards, harness_rewards = per_example["rewards"], per_example["harness"]
         modes = collections.Counter(per_example["modes"])
-        out = {"rollout/reward": float(np.mean(rewards)),
-               "rollout/response_tokens": float(np.mean(per_example["tokens"])),
-               "harness/reward": float(np.nanmean(harness_rewards)) if not np.all(np.isnan(harness_rewards)) else float("nan"),
+        out = {"rollout/reward": _nanmean(per_example["rewards"]),
+               "rollout/response_tokens": _nanmean(per_example["tokens"]),
+               "harness/reward": _nanmean(per_example["harness"]),
                "lr": float(self.lr(step)),
                **{f"harness/mode_{m}": n for m, n in modes.items()}}
         bank = getattr(self.harness, "bank", None)
@@ -221,17 +236,19 @@ class Run:
         if self.share[1] > 1:
             gather = lambda records: [r for p in parallel.allgather_json(records) for r in p]  # noqa: E731
         harness = None
-        if c.eval.harness:
-            harness = runtime.make_eval_harness(c, self.data, self.harness)
-        summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.state.params,
+        if c.eval.harness:  # built once: its bank (Draft–Verify) is the fixed training split
+            if self._eval_harness is None:
+                self._eval_harness = runtime.make_eval_harness(c, self.data, self.harness)
+            harness = self._eval_harness
+        summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.sample_params(),
                                     task=self.data.task, harness=harness,
                                     examples=[ev[i] for i in range(part.start, part.stop)], eval_cfg=c.eval,
                                     rng=jax.random.fold_in(jax.random.key(c.seed + 1), step),
                                     template_kwargs=self.template_kwargs, first_index=part.start, gather=gather)
         if jax.process_index() == 0:
             write_eval(self.workdir, step, summary, records)
-        log.info("eval @ step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in summary.items()
-                                                        if isinstance(v, float)))
+        log.info("eval @ step %d: %s", step, ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in summary.items()))
         if hasattr(self, "evals"):
             self.evals[step] = summary
         return summary
@@ -255,6 +272,11 @@ class Run:
         return summary
 
 
+def _nanmean(xs) -> float:
+    xs = np.asarray(xs, np.float64)
+    return float(np.nanmean(xs)) if xs.size and not np.all(np.isnan(xs)) else float("nan")
+
+
 def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pad_id: int) -> PairBatch:
     """Right-pad a paired batch to longer (agreed) lengths: the arrays `build_pair_batch`
     makes with those buckets (padding: pad_id tokens, position 0, masks 0)."""
@@ -271,8 +293,8 @@ def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pa
 
 
 def _summary_table(evals: dict[int, dict], timing: dict) -> str:
-    keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/") and "tokens" not in k
-                   and "examples" not in k})
+    keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/")
+                   and not any(w in k for w in ("tokens", "examples", "bank_size", "unscored"))})
     lines = ["", "step  " + "  ".join(f"{k[5:]:>12}" for k in keys)]
     for step in sorted(evals):
         lines.append(f"{step:>4}  " + "  ".join(f"{evals[step].get(k, float('nan')):>12.3f}" for k in keys))

@@ -17,6 +17,7 @@ from ophsd_jax.data.builders import build_dataset
 from ophsd_jax.data.tasks import make_task
 from ophsd_jax.distill.step import OptimConfig, StepConfig, make_optimizer
 from ophsd_jax.harnesses.factory import make_harness
+from ophsd_jax.harnesses.memory_bank import MemoryBank
 from ophsd_jax.models import bundled
 from ophsd_jax.models import state as model_state
 from ophsd_jax.models.config import ModelConfig
@@ -34,7 +35,8 @@ def make_mesh(c: mlc.ConfigDict):
 def load_model(c: mlc.ConfigDict, mesh):
     """(model config, graphdef, params, tokenizer): the run's *initial* weights."""
     m = c.model
-    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, remat_policy=m.remat_policy,
+                     attention=m.attention)
     if m.source == "bundled":
         cfg, graphdef, params, tok = bundled.load_bundled(mesh, **overrides)
     elif m.source == "hf":
@@ -98,10 +100,13 @@ def _load_data(c: mlc.ConfigDict, task, data_dir: str) -> Data:
     return Data(task, train, evals, report)
 
 
+def _train_examples(data: Data) -> list[dict]:
+    return [data.train[i] for i in range(len(data.train))]
+
+
 def make_run_harness(c: mlc.ConfigDict, data: Data):
     name = c.harness.name or None
-    train_examples = [data.train[i] for i in range(len(data.train))] if (name or data.task.default_harness) == \
-        "draft_verify" else None
+    train_examples = _train_examples(data) if (name or data.task.default_harness) == "draft_verify" else None
     return make_harness(name, data.task, c.harness.options.to_dict(), train_examples=train_examples)
 
 
@@ -116,7 +121,34 @@ def step_config(c: mlc.ConfigDict, mesh) -> StepConfig:
     d = c.distill
     return StepConfig(kind=d.kind, beta=float(d.beta), clip=d.clip or None, teacher=d.teacher,
                       micro_batches=micro_batches(c, mesh), remat_teacher=d.remat_teacher, tile=d.tile,
-                      keep_fraction=d.keep_fraction if d.keep_fraction < 1 else None, compute_dtype=c.model.dtype)
+                      keep_fraction=d.keep_fraction if d.keep_fraction < 1 else None, compute_dtype=c.model.dtype,
+                      lora_scale=lora_config(c).scale if lora_config(c) else None)
+
+
+def lora_config(c: mlc.ConfigDict):
+    """The run's LoraConfig, or None for full fine-tuning."""
+    from ophsd_jax.models.lora import LoraConfig
+
+    return LoraConfig.from_config(c)
+
+
+def trainable_params(c: mlc.ConfigDict, cfg, params, mesh, *, abstract: bool = False):
+    """(what the train state trains, the step's second argument) for the run's initial
+    weights `params`: (params, frozen copy or None) for full fine-tuning; with LoRA
+    (adapter, base weights). `abstract`: `params` are ShapeDtypeStructs; so is the result."""
+    from ophsd_jax.models import lora
+
+    lcfg = lora_config(c)
+    if lcfg is not None:
+        adapter = (lora.abstract_adapter(cfg, lcfg, mesh) if abstract else
+                   lora.init_adapter(cfg, lcfg, mesh, seed=c.seed))
+        return adapter, params
+    if c.distill.teacher != "initial":
+        return params, None
+    # "initial": a frozen copy of the starting weights, in the compute dtype (only read by forward passes).
+    if abstract:
+        return params, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.dtype, sharding=a.sharding), params)
+    return params, jax.tree.map(lambda x: x.astype(cfg.dtype) + 0, params)
 
 
 def optimizer(c: mlc.ConfigDict):
@@ -160,13 +192,20 @@ def load_config(workdir: str) -> mlc.ConfigDict:
 
 def make_eval_harness(c: mlc.ConfigDict, data: Data, train_harness):
     """The harness re-attached at evaluation: never shown reference answers (use_gt off).
-    Draft–Verify shares the training memory bank (labelled *training* examples only)."""
+
+    Draft–Verify retrieves from its own bank holding the whole labelled *training*
+    split (never an evaluation example), not from the training run's online bank: that
+    one is empty at step 0 and partial later, so evaluating with it would measure the
+    zero-shot cold start instead of the harness. The run's embedder (fitted on the
+    training texts) embeds it, so retrieval matches training."""
     name = c.harness.name or data.task.default_harness
     if name == "opsd":  # defined by the reference solution: not a test-time harness
         return None
     options = c.harness.options.to_dict()
     if name == "plan_solve":
         options["use_gt"] = False
-    bank = getattr(train_harness, "bank", None)
-    return make_harness(name, data.task, options, bank=bank) if bank is not None else \
-        make_harness(name, data.task, options)
+        return make_harness(name, data.task, options)
+    train_bank = getattr(train_harness, "bank", None)
+    bank = MemoryBank(train_bank.embedder) if train_bank is not None else None
+    options["seed_bank_from_train"] = True
+    return make_harness(name, data.task, options, bank=bank, train_examples=_train_examples(data))

@@ -306,29 +306,48 @@ def _progress(total: int, enabled: bool):
 
 
 class ChatOutput(NamedTuple):
-    texts: list[str]  # decoded, stop tokens removed
+    texts: list[str | None]  # decoded, stop tokens removed; None where skipped
     prompt_tokens: list[list[int]]
-    tokens: list[list[int]]  # generated ids (incl. the stop token when one was produced)
+    tokens: list[list[int]]  # generated ids (incl. the stop token when one was produced); [] where skipped
     logprobs: list[np.ndarray]
+    skipped: list[bool]  # the prompt is longer than the sampler's largest prompt bucket: nothing generated
 
 
 def generate_chat_tokens(sampler: Sampler, tokenizer, params, conversations: Sequence[list[dict]], *,
                          max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, template_kwargs: dict | None = None) -> ChatOutput:
-    """Apply the chat template, generate, decode. The single entry point for rollouts and harnesses."""
+    """Apply the chat template, generate, decode. The single entry point for rollouts and harnesses.
+
+    A prompt longer than the sampler's largest prompt bucket is skipped (`skipped`, text
+    None) instead of ending the run; the callers count the skips. The sampler is still
+    called exactly once, also when nothing fits: with several processes the call is
+    collective, so each process makes it whatever its own prompts are."""
     prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, **(template_kwargs or {}))
                for m in conversations]
+    limit = sampler.prompt_buckets[-1]
+    fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
+    if len(fits) < len(prompts):
+        log.warning("skipping %d of %d prompts longer than the largest sampler.prompt_buckets entry (%d tokens; "
+                    "longest %d)", len(prompts) - len(fits), len(prompts), limit, max(len(p) for p in prompts))
     stop = tokenizer.stop_token_ids
-    out = sampler.generate(params, prompts, max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
-                           top_k=top_k, top_p=top_p, stop_tokens=stop)
+    out = sampler.generate(params, [prompts[i] for i in fits], max_new_tokens=max_new_tokens, rng=rng,
+                           temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop)
     stop_set = set(stop)
-    texts = [tokenizer.decode([t for t in toks if t not in stop_set]) for toks in out.tokens]
-    return ChatOutput(texts, prompts, out.tokens, out.logprobs)
+    texts, tokens = [None] * len(prompts), [[] for _ in prompts]
+    logprobs = [np.zeros((0,), np.float32) for _ in prompts]
+    for j, i in enumerate(fits):
+        tokens[i], logprobs[i] = out.tokens[j], out.logprobs[j]
+        texts[i] = tokenizer.decode([t for t in tokens[i] if t not in stop_set])
+    skipped = [t is None for t in texts]
+    return ChatOutput(texts, prompts, tokens, logprobs, skipped)
 
 
 def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
-                       template_kwargs: dict | None = None, record: list | None = None) -> Callable[..., list[str]]:
-    """A `generate_chat(conversations, **sampling) -> texts` callable bound to `params`.
+                       template_kwargs: dict | None = None, record: list | None = None) -> Callable[..., ChatOutput]:
+    """A `generate_chat(conversations, **sampling) -> ChatOutput` callable bound to `params`
+    (the harness protocol, harnesses/base.py: `.texts`, and `.prompt_tokens`, the ids each
+    reply was sampled after, which the teacher context is then scored in).
+    A text is None where the prompt did not fit the sampler (see `generate_chat_tokens`).
 
     Each call draws a fresh key (fold_in of a call counter). If `record` is a list, each
     call appends its ChatOutput (for logging token counts).
@@ -336,7 +355,7 @@ def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, d
     calls = [0]
 
     def generate_chat(conversations, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                      max_new_tokens: int | None = None) -> list[str]:
+                      max_new_tokens: int | None = None) -> ChatOutput:
         key = jax.random.fold_in(rng, calls[0])
         calls[0] += 1
         out = generate_chat_tokens(sampler, tokenizer, params, conversations,
@@ -344,6 +363,6 @@ def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, d
                                    temperature=temperature, top_k=top_k, top_p=top_p, template_kwargs=template_kwargs)
         if record is not None:
             record.append(out)
-        return out.texts
+        return out
 
     return generate_chat

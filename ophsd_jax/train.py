@@ -45,18 +45,27 @@ def train(config, workdir: str) -> dict:
         key = jax.random.fold_in(run.rng, step)
         student_msgs = [task.student_messages(e) for e in examples]
         with run.timer("rollout"):  # 1. on-policy answers to the bare prompts
+            params = run.sample_params()  # current weights (LoRA: base + adapter, merged once per step)
             rollout = generate_chat_tokens(
-                run.sampler, tok, run.state.params, student_msgs, max_new_tokens=c.rollout.max_new_tokens,
+                run.sampler, tok, params, student_msgs, max_new_tokens=c.rollout.max_new_tokens,
                 rng=jax.random.fold_in(key, 0), temperature=c.rollout.temperature, top_p=c.rollout.top_p,
                 top_k=c.rollout.top_k, template_kwargs=run.template_kwargs)
         with run.timer("harness"):  # 2. teacher context from the harness, current weights
-            generate_chat = make_generate_chat(run.sampler, tok, run.state.params, jax.random.fold_in(key, 1),
+            generate_chat = make_generate_chat(run.sampler, tok, params, jax.random.fold_in(key, 1),
                                                template_kwargs=run.template_kwargs)
             results = run.harness.run(examples, generate_chat)
+            del params, generate_chat  # LoRA: the merged copy is not kept through the update
         with run.timer("update"):  # 3. score y under both contexts, one jitted step
+            skip = ["rollout_prompt_too_long" if s else "harness_prompt_too_long" if r.skipped else None
+                    for s, r in zip(rollout.skipped, results)]  # prompts longer than the sampler takes
+            # Scored after exactly the ids the sampler conditioned on (rollout, harness's last call).
             batch = build_pair_batch(tok, student_msgs, [r.teacher_messages for r in results], rollout.tokens,
-                                     buckets=run.buckets, batch_size=len(examples),
-                                     max_response_tokens=c.distill.max_response_tokens or None)
+                                     buckets=run.buckets, batch_size=len(examples), skip=skip,
+                                     max_response_tokens=c.distill.max_response_tokens or None,
+                                     student_prompt_ids=rollout.prompt_tokens,
+                                     teacher_prompt_ids=[r.teacher_prompt_ids for r in results],
+                                     template_kwargs=run.template_kwargs, teacher_overflow=c.distill.teacher_overflow,
+                                     teacher_material=[r.teacher_material for r in results])
             harness_rewards = [task.reward(r.final_response, e) if r.final_response else np.nan
                                for r, e in zip(results, examples)]
             batch, weights, metrics = run.global_batch(batch, harness_rewards)  # all processes' rows
@@ -86,19 +95,52 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, num_examples: int
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, OSError)
 
 
-def run_cli(fn):
-    """Run `fn`; a user error (bad config, missing file, bad data) is one line and exit 2."""
+def run_cli(fn, workdir: str | None = None, *, command: str = "train", create_workdir: bool = False):
+    """Run `fn`. Whatever it raises, the full traceback goes to a file in `workdir`
+    (named on the console). A user error (bad config, missing file, bad data: these
+    types) is one line and exit 2; as the same types also come from bugs (or from JAX),
+    that line names the file. Other exceptions show their traceback as usual.
+    `create_workdir`: make a missing work dir for the file (train makes it anyway);
+    otherwise a missing one (a mistyped path) gets the file in the temp dir instead."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return fn()
-    except USER_ERRORS as e:
-        if os.environ.get("OPHSD_TRACEBACK"):  # these types can also come from a bug: show where
+    except Exception as e:
+        path = write_traceback(workdir, command, create_workdir)
+        where = f"traceback in {path}" if path else "the traceback could not be written"
+        if not isinstance(e, USER_ERRORS) or os.environ.get("OPHSD_TRACEBACK"):
+            print(f"error: {type(e).__name__} ({where})", file=sys.stderr)
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {type(e).__name__}: {msg} (OPHSD_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {msg} ({where})", file=sys.stderr)
         sys.exit(2)
+
+
+def write_traceback(workdir: str | None, command: str, create_workdir: bool) -> str | None:
+    """Write the exception being handled, with its traceback, to
+    `<workdir>/errors/<command>_<time>_<host>_<pid>.txt` (one file per process, also on
+    a file system shared by the hosts; no JAX call, which could be what failed); returns
+    the path, or None if it cannot be written."""
+    import socket
+    import tempfile
+    import time
+    import traceback
+
+    if workdir and (create_workdir or os.path.isdir(workdir)):
+        base = workdir
+    else:
+        base = os.path.join(tempfile.gettempdir(), "ophsd_jax")
+    name = f"{command}_{time.strftime('%Y%m%d-%H%M%S')}_{socket.gethostname()}_{os.getpid()}.txt"
+    path = os.path.join(base, "errors", name)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(f"{' '.join(sys.argv)}\n\n{traceback.format_exc()}")
+    except OSError:
+        return None
+    return path
 
 
 def parse_flags(argv):
@@ -140,7 +182,7 @@ def main(argv):
         signal.signal(signal.SIGTERM, Run.request_stop)  # preemption: finish the step, save, exit 0
         return train(config, workdir)
 
-    run_cli(go)
+    run_cli(go, workdir, create_workdir=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,17 @@ def test_unknown_keys_are_rejected_outside_open_sections():
         validate(c)
 
 
+def test_teacher_overflow_policy_is_validated():
+    c = load([p for p in CONFIGS if p.endswith("tiny.py")][0])
+    assert c.distill.teacher_overflow == "skip"  # the safe default: nothing is cut
+    c.distill.teacher_overflow = "shorten"
+    validate(c)
+    c.distill.teacher_overflow = "truncate"
+    with pytest.raises(ConfigValueError, match=r"config\.distill\.teacher_overflow: must be one of "
+                                               r"\['skip', 'shorten'\] \(got 'truncate'\)"):
+        validate(c)
+
+
 def test_paper_settings():
     assert len(PAPER) == 4
     for path in PAPER:

@@ -1,11 +1,11 @@
-"""Paired teacher/student batches: alignment, buckets, truncation, skips, caps."""
+"""Paired teacher/student batches: alignment, buckets, prompt ids, over-long teacher contexts, skips, caps."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ophsd_jax.distill.batch import Buckets, PairBatch, build_pair_batch
+from ophsd_jax.distill.batch import SHORTENED_MARKER, Buckets, PairBatch, build_pair_batch
 from ophsd_jax.distill.losses import divergence
 
 
@@ -88,22 +88,98 @@ def test_buckets_are_chosen_per_dimension():
     assert b.student.tokens.shape == (2, 64)  # 20 + 20 = 40
     assert b.teacher.tokens.shape == (2, 64)  # 38 + 20 = 58
     assert b.resp_mask.shape == (2, 32)
-    assert b.meta.teacher_truncated == 0
+    assert b.meta.teacher_shortened == 0
     assert Buckets.make([32, 8]).student == (8, 32)
 
 
-def test_teacher_prompt_is_left_truncated_never_the_response():
-    tp_full = TOK.apply_chat_template(user("CONTEXT " * 10 + "the end"))
+def test_over_long_teacher_context_is_skipped_never_cut():
+    """Default policy: a teacher prompt + response over the largest teacher bucket is
+    skipped and counted; no part of the prompt (system prompt, problem) is dropped."""
+    teacher = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "PROBLEM " + "CONTEXT " * 10}]
+    tp_full = TOK.apply_chat_template(teacher)
     response = resp("final answer")
     buckets = {"student": [64], "teacher": [48], "response": [16]}
-    b = build_pair_batch(TOK, [user("q")], [user("CONTEXT " * 10 + "the end")], [response],
-                         buckets=buckets)
     assert len(tp_full) + len(response) > 48
-    kept_prompt = tp_full[-(48 - len(response)):]
-    _check_row(b.teacher, b, 0, kept_prompt, response)
-    assert b.teacher.tokens[0].tolist()[-len(response):] == response  # full, fills the bucket
-    assert b.meta.teacher_truncated == 1 and b.meta.skipped == 0
-    _check_row(b.student, b, 0, TOK.apply_chat_template(user("q")), response)
+    b = build_pair_batch(TOK, [user("q"), user("r")], [teacher, user("t")], [response, response], buckets=buckets)
+    assert b.meta.kept == (1,) and b.meta.skip_reasons["teacher_too_long"] == 1
+    assert b.meta.metrics()["batch/skipped_teacher_too_long"] == 1 and b.meta.teacher_shortened == 0
+    _check_row(b.teacher, b, 0, TOK.apply_chat_template(user("t")), response)
+    # "shorten" without material to shorten (e.g. a zero-shot prompt) skips the pair too.
+    b = build_pair_batch(TOK, [user("q")], [teacher], [response], buckets=buckets, teacher_overflow="shorten",
+                         teacher_material=[None])
+    assert b.meta.num_valid == 0 and b.meta.skip_reasons["teacher_too_long"] == 1
+    with pytest.raises(ValueError, match="teacher_overflow must be one of"):
+        build_pair_batch(TOK, [user("q")], [teacher], [response], buckets=buckets, teacher_overflow="cut")
+
+
+class Material:
+    """A harness-style teacher context: fixed problem and instructions around two
+    inserted pieces (say a plan and a reference solution)."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    @staticmethod
+    def rebuild(texts):
+        return [{"role": "system", "content": "SYSTEM"},
+                {"role": "user", "content": f"PROBLEM: 2+2?\nPLAN: {texts[0]}\nREF: {texts[1]}\nSOLVE IT."}]
+
+
+def test_shorten_cuts_only_the_harness_material_with_a_marker():
+    plan, ref = "add the two numbers " * 6, "four"
+    material = Material([plan, ref])
+    teacher = material.rebuild(material.texts)
+    response = resp("2+2=4")
+    room = 100 - len(response)
+    assert len(TOK.apply_chat_template(teacher)) > room
+    buckets = {"student": [64], "teacher": [64, 100], "response": [16]}
+    b = build_pair_batch(TOK, [user("2+2?")], [teacher], [response], buckets=buckets, teacher_overflow="shorten",
+                         teacher_material=[material])
+    assert b.meta.num_valid == 1 and b.meta.teacher_shortened == 1 and b.meta.skipped == 0
+    n = int(b.teacher.attn_mask[0].sum()) - len(response)
+    text = "".join(map(chr, b.teacher.tokens[0, :n]))
+    # Independent reference: the longest prefix of the plan (+ marker) whose full prompt fits.
+    fits = [c for c in range(len(plan)) if len(TOK.apply_chat_template(
+        material.rebuild([plan[:c].rstrip() + SHORTENED_MARKER, ref]))) <= room]
+    expected = material.rebuild([plan[:max(fits)].rstrip() + SHORTENED_MARKER, ref])
+    assert text == "".join(map(chr, TOK.apply_chat_template(expected)))
+    assert text.startswith("[system]SYSTEM|[user]PROBLEM: 2+2?\nPLAN: add the two")
+    assert text.endswith(SHORTENED_MARKER + "\nREF: four\nSOLVE IT.|[assistant]")  # the short piece is whole
+    _check_row(b.teacher, b, 0, TOK.apply_chat_template(expected), response)
+    # When even the bare structure (every piece reduced to the marker) does not fit: skipped.
+    b = build_pair_batch(TOK, [user("2+2?")], [teacher], [response], buckets={**buckets, "teacher": [60]},
+                         teacher_overflow="shorten", teacher_material=[material])
+    assert b.meta.num_valid == 0 and b.meta.skip_reasons["teacher_too_long"] == 1
+
+
+class ThinkingTokenizer(CharTokenizer):
+    """Character ids with a Qwen3-style template: `enable_thinking=False` adds an empty
+    think block after the generation prompt."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        ids = super().apply_chat_template(messages, add_generation_prompt)
+        if add_generation_prompt and kwargs.get("enable_thinking", True) is False:
+            ids += [ord(c) for c in "<think>\n\n</think>\n\n"]
+        return ids
+
+
+def test_prompts_are_the_sampled_ids_or_rendered_with_the_template_kwargs():
+    tok, kwargs = ThinkingTokenizer(), {"enable_thinking": False}
+    students, teachers = [user("2+2?"), user("3+3?")], [user("2+2? plan"), user("3+3? plan")]
+    responses = [resp("4"), resp("6")]
+    # What the sampler conditioned on (e.g. from another renderer): used token for token.
+    sampled_student = [tok.apply_chat_template(students[0], **kwargs), [7, 8, 9]]
+    sampled_teacher = [None, tok.apply_chat_template(teachers[1], **kwargs)]
+    b = build_pair_batch(tok, students, teachers, responses, buckets=[64], student_prompt_ids=sampled_student,
+                         teacher_prompt_ids=sampled_teacher, template_kwargs=kwargs)
+    for i in range(2):
+        _check_row(b.student, b, i, sampled_student[i], responses[i])
+    # A teacher context never sampled is rendered as the sampler renders: with the kwargs.
+    _check_row(b.teacher, b, 0, tok.apply_chat_template(teachers[0], **kwargs), responses[0])
+    _check_row(b.teacher, b, 1, sampled_teacher[1], responses[1])
+    assert tok.apply_chat_template(teachers[0], **kwargs) != tok.apply_chat_template(teachers[0])
+    with pytest.raises(ValueError, match="1 student_prompt_ids"):
+        build_pair_batch(tok, students, teachers, responses, buckets=[64], student_prompt_ids=sampled_student[:1])
 
 
 def test_unbuildable_pairs_are_skipped_and_counted():

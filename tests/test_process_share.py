@@ -104,13 +104,26 @@ def test_batch_rows_replicated_across_processes_fall_back_to_one_share(monkeypat
     assert parallel.batch_share(parallel.make_mesh(1, 1, -1)) == (0, 1)
 
 
-def test_process_major_mesh_order():
-    devs = [types.SimpleNamespace(id=i, process_index=i % 2) for i in range(8)]  # interleaved processes
-    arr = parallel.process_major(np.asarray(devs, object).reshape(1, 4, 2), devs)
+def fake_devices(procs):
+    return [types.SimpleNamespace(id=i, process_index=p, platform="cpu", device_kind="cpu") for i, p in enumerate(procs)]
+
+
+def test_mesh_goes_process_by_process_keeping_local_order():
+    devs = fake_devices([i % 2 for i in range(8)])  # interleaved processes
+    arr = parallel.device_grid((1, 4, 2), devs)
     assert [d.process_index for d in arr.flat] == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert [d.id for d in arr.flat] == [0, 2, 4, 6, 1, 3, 5, 7]  # local order kept
-    ordered = np.asarray(sorted(devs, key=lambda d: d.process_index), object).reshape(2, 4, 1)
-    assert parallel.process_major(ordered, devs) is ordered
+    assert [d.id for d in arr.flat] == [0, 2, 4, 6, 1, 3, 5, 7]  # local order kept (CPU: given order)
+    arr = parallel.device_grid((2, 2, 2), devs)  # data=2: one data row per process
+    assert [[d.process_index for d in row.flat] for row in arr] == [[0] * 4, [1] * 4]
+
+
+def test_processes_that_cannot_take_blocks_go_in_process_order():
+    devs = fake_devices([2, 0, 1, 0, 1, 2])
+    assert parallel.process_blocks((2, 3, 1), 3) is None  # 3 processes, data=2 x fsdp=3
+    arr = parallel.device_grid((2, 3, 1), devs)
+    assert [d.id for d in arr.flat] == [1, 3, 2, 4, 0, 5]
+    assert parallel.process_blocks((2, 4, 1), 4) == [2, 2, 1]
+    assert parallel.process_blocks((1, 8, 2), 16) == [1, 8, 2]
 
 
 def test_run_refuses_a_batch_that_does_not_split_evenly(monkeypatch, tmp_path):

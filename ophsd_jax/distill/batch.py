@@ -1,8 +1,13 @@
 """Paired student/teacher batches that score the same response tokens.
 
-For each example the student sequence is ``chat(student_messages) + response``
-and the teacher sequence is ``chat(teacher_messages) + response``; both end
-with the identical response tokens. The loss compares the hidden states that
+For each example the student sequence is ``student prompt + response`` and the
+teacher sequence is ``teacher prompt + response``; both end with the identical
+response tokens. A prompt is the token ids the sampler conditioned on when it is
+given (the rollout's prompt ids for the student, the harness's last call's for
+the teacher); otherwise its messages are rendered with the same renderer and
+template kwargs (``model.chat_template_kwargs``) the sampler uses, e.g. for a
+teacher context that was never sampled. So the response is scored after exactly
+the prefix it was sampled after. The loss compares the hidden states that
 predict each response token, so each side carries a ``resp_index [B, R]``: the
 position whose next-token prediction is response token ``r``. Gathering the
 final hidden states at ``student.resp_index`` and at ``teacher.resp_index``
@@ -22,16 +27,23 @@ Layout and rules:
 * An optional ``max_response_tokens`` keeps only the first tokens of each
   response (later tokens cannot influence earlier predictions, so the
   sequences simply stop there).
-* Teacher prompts that do not fit the largest teacher bucket are
-  left-truncated: the tail of the prompt (the harness context nearest the
-  response) is kept and the head, including the start of the chat template,
-  is lost. The response is never truncated to fit.
+* A teacher ``prompt + response`` longer than the largest teacher bucket is never
+  cut in its problem or chat structure, nor in its response
+  (``teacher_overflow``): ``"skip"`` skips the pair (reason ``teacher_too_long``);
+  ``"shorten"`` cuts only the harness's inserted material (plan, reference
+  solution, retrieved examples: the result's ``TeacherMaterial``), each piece to
+  at most the same number of characters followed by :data:`SHORTENED_MARKER`,
+  keeping as much as fits; a pair without material, or that does not fit even
+  with the material cut away, is skipped as ``teacher_too_long``.
 * Examples that cannot be built are skipped and counted by reason, never
   silently misaligned: an empty response, an empty student or teacher prompt,
   a response longer than the largest response bucket, a student
   ``prompt + response`` longer than the largest student bucket (the student
-  prompt is what the student sampled from, so it is not truncated), or a
-  response that leaves no room for a single teacher prompt token.
+  prompt is what the student sampled from, so it is not truncated), a
+  response that leaves no room for a single teacher prompt token, or an
+  over-long teacher context (above). The caller adds its own reasons
+  (``skip``): a rollout or harness prompt longer than the sampler's largest
+  prompt bucket, which left nothing to pair.
 """
 
 from __future__ import annotations
@@ -39,19 +51,24 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 SKIP_REASONS = (
+    "rollout_prompt_too_long",  # decided by the caller (`skip`): the sampler could not take the prompt
+    "harness_prompt_too_long",  # decided by the caller: a harness call's prompt did not fit the sampler
     "empty_response",
     "empty_student_prompt",
     "empty_teacher_prompt",
     "response_too_long",
     "student_too_long",
     "teacher_no_room",
+    "teacher_too_long",
 )
+TEACHER_OVERFLOW = ("skip", "shorten")
+SHORTENED_MARKER = " […]"  # ends a piece of harness material cut to fit the teacher bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +120,7 @@ class BatchMeta:
     num_examples: int
     num_valid: int
     skip_reasons: dict[str, int]
-    teacher_truncated: int  # teacher prompts that were left-truncated
+    teacher_shortened: int  # teacher contexts whose harness material was cut to fit
     response_capped: int  # responses shortened by max_response_tokens
     kept: tuple[int, ...]  # input index of each valid row, in row order
 
@@ -115,7 +132,7 @@ class BatchMeta:
         out = {
             f"{prefix}skipped": self.skipped,
             f"{prefix}valid": self.num_valid,
-            f"{prefix}teacher_truncated": self.teacher_truncated,
+            f"{prefix}teacher_shortened": self.teacher_shortened,
             f"{prefix}response_capped": self.response_capped,
         }
         out.update({f"{prefix}skipped_{k}": v for k, v in self.skip_reasons.items()})
@@ -165,6 +182,42 @@ def _side(prompts: list[list[int]], responses: list[list[int]], length: int, r: 
     return SideBatch(tokens, positions, attn, resp_index)
 
 
+def render_prompt(tokenizer: Any, messages: list[dict], template_kwargs: Mapping | None = None) -> list[int]:
+    """Prompt ids as the sampler renders them (`sampling.generate_chat_tokens`)."""
+    return [int(x) for x in tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                          **dict(template_kwargs or {}))]
+
+
+def shorten_teacher_prompt(render: Callable[[list[dict]], list[int]], material: Any, room: int) -> list[int] | None:
+    """The teacher prompt with its harness material cut to fit in ``room`` tokens.
+
+    ``material`` has ``texts`` and ``rebuild(texts) -> messages`` (a
+    ``harnesses.base.TeacherMaterial``). Every piece longer than a cap C characters
+    keeps its first C characters and gets :data:`SHORTENED_MARKER`; C is the
+    largest that fits (binary search; each try renders the whole prompt, so the
+    result always fits). None when even C = 0 does not fit.
+    """
+    texts = list(material.texts)
+    if not texts:
+        return None
+
+    def build(cap: int) -> list[int]:
+        return render(material.rebuild([t if len(t) <= cap else t[:cap].rstrip() + SHORTENED_MARKER for t in texts]))
+
+    best = build(0)
+    if len(best) > room:
+        return None
+    lo, hi = 0, max(len(t) for t in texts)  # build(lo) fits; build(hi), the full context, does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ids = build(mid)
+        if len(ids) <= room:
+            lo, best = mid, ids
+        else:
+            hi = mid
+    return best
+
+
 def build_pair_batch(
     tokenizer: Any,
     student_messages: Sequence[list[dict]],
@@ -175,12 +228,18 @@ def build_pair_batch(
     max_response_tokens: int | None = None,
     batch_size: int | None = None,
     pad_id: int | None = None,
+    student_prompt_ids: Sequence[Sequence[int] | None] | None = None,
+    teacher_prompt_ids: Sequence[Sequence[int] | None] | None = None,
+    template_kwargs: Mapping | None = None,
+    teacher_overflow: str = "skip",
+    teacher_material: Sequence[Any] | None = None,
+    skip: Sequence[str | None] | None = None,
 ) -> PairBatch:
     """Build a :class:`PairBatch` (see the module docstring for the rules).
 
     Args:
-      tokenizer: has ``apply_chat_template(messages, add_generation_prompt=True)
-        -> list[int]`` and ``pad_token_id``.
+      tokenizer: has ``apply_chat_template(messages, add_generation_prompt=True,
+        **template_kwargs) -> list[int]`` and ``pad_token_id``.
       student_messages, teacher_messages: chat messages per example.
       responses: the sampled response token ids per example (used as given,
         e.g. including a final stop token if the sampler returns it).
@@ -189,28 +248,49 @@ def build_pair_batch(
       max_response_tokens: optional cap on the response tokens used.
       batch_size: pad the batch with dummy rows to this many rows.
       pad_id: padding id; defaults to ``tokenizer.pad_token_id`` (or 0).
+      student_prompt_ids, teacher_prompt_ids: per example, the ids the sampler
+        conditioned on (used as given), or None to render that example's messages.
+      template_kwargs: the sampler's chat template kwargs, for rendering.
+      teacher_overflow: ``"skip"`` or ``"shorten"`` (module docstring).
+      teacher_material: per example, the harness material of the teacher
+        context (``TeacherMaterial`` or None), for ``"shorten"``.
+      skip: per example, None or a reason (in ``SKIP_REASONS``) to skip it, counted
+        with the builder's own skips.
     """
-    if not len(student_messages) == len(teacher_messages) == len(responses):
-        raise ValueError(
-            f"got {len(student_messages)} student, {len(teacher_messages)} teacher "
-            f"and {len(responses)} responses"
-        )
+    n_in = len(responses)
+    lists = {"student": student_messages, "teacher": teacher_messages, "student_prompt_ids": student_prompt_ids,
+             "teacher_prompt_ids": teacher_prompt_ids, "teacher_material": teacher_material}
+    if any(v is not None and len(v) != n_in for v in lists.values()):
+        raise ValueError(f"got {n_in} responses and " + ", ".join(
+            f"{len(v)} {k}" for k, v in lists.items() if v is not None))
+    if teacher_overflow not in TEACHER_OVERFLOW:
+        raise ValueError(f"teacher_overflow must be one of {list(TEACHER_OVERFLOW)}, got {teacher_overflow!r}")
+    student_prompt_ids = student_prompt_ids or [None] * n_in
+    teacher_prompt_ids = teacher_prompt_ids or [None] * n_in
+    teacher_material = teacher_material or [None] * n_in
+    render = lambda m: render_prompt(tokenizer, m, template_kwargs)  # noqa: E731
     bk = Buckets.make(buckets)
     if pad_id is None:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         pad_id = 0 if pad_id is None else int(pad_id)
     max_s, max_t, max_r = bk.student[-1], bk.teacher[-1], bk.response[-1]
+    skip = [None] * len(responses) if skip is None else list(skip)
+    if len(skip) != len(responses) or any(r is not None and r not in SKIP_REASONS for r in skip):
+        raise ValueError(f"skip: need one reason in {SKIP_REASONS} or None per example, got {skip}")
 
     skips = collections.Counter()
-    truncated = capped = 0
+    shortened = capped = 0
     kept, s_prompts, t_prompts, resps = [], [], [], []
     for i, (sm, tm, y) in enumerate(zip(student_messages, teacher_messages, responses)):
+        if skip[i]:
+            skips[skip[i]] += 1
+            continue
         y = [int(x) for x in y]
         if max_response_tokens is not None and len(y) > max_response_tokens:
             y = y[:max_response_tokens]
             capped += 1
-        sp = [int(x) for x in tokenizer.apply_chat_template(sm, add_generation_prompt=True)]
-        tp = [int(x) for x in tokenizer.apply_chat_template(tm, add_generation_prompt=True)]
+        sp = render(sm) if student_prompt_ids[i] is None else [int(x) for x in student_prompt_ids[i]]
+        tp = render(tm) if teacher_prompt_ids[i] is None else [int(x) for x in teacher_prompt_ids[i]]
         if not y:
             reason = "empty_response"
         elif not sp:
@@ -225,13 +305,17 @@ def build_pair_batch(
             reason = "teacher_no_room"
         else:
             reason = None
+        room = max_t - len(y)
+        if reason is None and len(tp) > room:  # never cut the problem, template or response
+            material = teacher_material[i] if teacher_overflow == "shorten" else None
+            tp = shorten_teacher_prompt(render, material, room) if material is not None else None
+            if tp is None:
+                reason = "teacher_too_long"
+            else:
+                shortened += 1
         if reason:
             skips[reason] += 1
             continue
-        room = max_t - len(y)
-        if len(tp) > room:
-            tp = tp[-room:]  # keep the tail: the context nearest the response
-            truncated += 1
         kept.append(i)
         s_prompts.append(sp)
         t_prompts.append(tp)
@@ -257,7 +341,7 @@ def build_pair_batch(
         num_examples=len(responses),
         num_valid=n,
         skip_reasons={k: skips.get(k, 0) for k in SKIP_REASONS},
-        teacher_truncated=truncated,
+        teacher_shortened=shortened,
         response_capped=capped,
         kept=tuple(kept),
     )

@@ -37,6 +37,9 @@ class StepConfig:
     gamma: float = 0.0
     teacher_top_k: int | None = None
     compute_dtype: str | None = None  # the model's compute dtype: both heads' matmuls run in it
+    # LoRA (models/lora.py): alpha / rank, or None for full fine-tuning. With it the state's
+    # params are the adapter and the step's second argument is the frozen base weights.
+    lora_scale: float | None = None
 
     def __post_init__(self):
         if self.teacher not in ("initial", "current"):
@@ -146,21 +149,37 @@ def _gather(hidden, index):
 
 def loss_fn(params, teacher_params, batch: PairBatch, sample_weights, graphdef, cfg: StepConfig):
     """OPHSD loss on one (micro-)batch: the student sees the bare prompt, the teacher the
-    harness context; both score the same response tokens."""
-    if teacher_params is None:  # "current": the live weights, with no gradient path
-        teacher_params = jax.lax.stop_gradient(params)
+    harness context; both score the same response tokens.
+
+    Full fine-tuning: `params` are the weights; `teacher_params` the frozen initial ones, or
+    None ("current": the live weights, with no gradient path). LoRA (`cfg.lora_scale`):
+    `params` is the adapter and `teacher_params` the frozen base weights; the student is
+    base + adapter, the teacher the base alone ("initial") or base + adapter under
+    stop_gradient ("current")."""
+    if cfg.lora_scale is not None:
+        student, teacher = (teacher_params, params), (teacher_params, None)
+        if cfg.teacher == "current":
+            teacher = (teacher_params, jax.lax.stop_gradient(params))
+    else:
+        student = (params, None)
+        teacher = (jax.lax.stop_gradient(params) if teacher_params is None else teacher_params, None)
+
+    def forward(weights, side):
+        p, adapter = weights
+        return model_state.forward(graphdef, p, side.tokens, side.positions, side.attn_mask, lora=adapter,
+                                   lora_scale=cfg.lora_scale or 1.0)[0]
+
     t = batch.teacher
-    teacher_forward = lambda p: model_state.forward(graphdef, p, t.tokens, t.positions, t.attn_mask)[0]  # noqa: E731
+    teacher_forward = lambda w: forward(w, t)  # noqa: E731
     if cfg.remat_teacher:
         teacher_forward = jax.checkpoint(teacher_forward)
-    h_teacher = jax.lax.stop_gradient(_gather(teacher_forward(teacher_params), t.resp_index))
+    h_teacher = jax.lax.stop_gradient(_gather(teacher_forward(teacher), t.resp_index))
     s = batch.student
-    h_student, _ = model_state.forward(graphdef, params, s.tokens, s.positions, s.attn_mask)
-    h_student = _gather(h_student, s.resp_index)
+    h_student = _gather(forward(student, s), s.resp_index)
     return divergence(
-        h_student, h_teacher, model_state.lm_head(graphdef, params), batch.resp_mask,
+        h_student, h_teacher, model_state.lm_head(graphdef, student[0]), batch.resp_mask,
         kind=cfg.kind, beta=cfg.beta, clip=cfg.clip, tile=cfg.tile, vocab_tile=cfg.vocab_tile,
-        weights=sample_weights, teacher_lm_head=model_state.lm_head(graphdef, teacher_params),
+        weights=sample_weights, teacher_lm_head=model_state.lm_head(graphdef, teacher[0]),
         keep_fraction=cfg.keep_fraction, alpha=cfg.alpha, gamma=cfg.gamma, teacher_top_k=cfg.teacher_top_k,
         compute_dtype=None if cfg.compute_dtype is None else jnp.dtype(cfg.compute_dtype),
     )
@@ -222,9 +241,10 @@ def train_step(state: TrainState, teacher_params, batch: PairBatch, sample_weigh
 
 
 class TrainStep:
-    """`train_step` jitted once per bucket shape, with the state's shardings pinned and donated."""
+    """`train_step` jitted once per bucket shape, with the state's shardings pinned and donated.
+    `teacher_params`: with LoRA, the base weights (or abstract ones), whose shardings the step takes."""
 
-    def __init__(self, graphdef, cfg: StepConfig, optimizer, mesh: Mesh, state: TrainState):
+    def __init__(self, graphdef, cfg: StepConfig, optimizer, mesh: Mesh, state: TrainState, teacher_params=None):
         self.mesh = mesh
         self.micro_batches = cfg.micro_batches
         self.trace_count = 0
@@ -241,6 +261,10 @@ class TrainStep:
                                   optimizer=optimizer, params_sharding=params_sh, batch_shards=batch_shards)
 
         teacher_sh = None if cfg.teacher == "current" else params_sh
+        if cfg.lora_scale is not None:  # the frozen base weights (their own shardings)
+            if teacher_params is None:
+                raise ValueError("a LoRA train step needs the base weights (teacher_params)")
+            teacher_sh = jax.tree.map(lambda x: x.sharding, teacher_params)
         self._step = jax.jit(step, in_shardings=(state_sh, teacher_sh, self.batch_sharding, self.batch_sharding),
                              out_shardings=(state_sh, None), donate_argnums=0)
 

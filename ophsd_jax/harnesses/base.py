@@ -7,9 +7,20 @@ A harness is an object with
     state_dict() / load_state_dict() # for checkpoints (empty when stateless)
 
 `generate_chat(list_of_message_lists, *, temperature, top_p, top_k,
-max_new_tokens) -> list[str]` is the sampler's batched chat call. Harnesses
+max_new_tokens)` is the sampler's batched chat call: it returns the texts, either
+as a list of strings or as an object with `.texts` and `.prompt_tokens` (the
+sampler's `ChatOutput`: the token ids each reply was sampled after). Harnesses
 never touch the model otherwise, which is why a scripted fake model can test
-them. Every phase is one `generate_chat` call for the whole batch.
+them. Every phase is one `generate_chat` call for the whole batch. A reply is
+None where the prompt is longer than the sampler's largest prompt bucket
+(nothing was generated): that example leaves the later phases and its result
+is `skipped_result(phase, ...)` (mode `skipped_<phase>`, no teacher context).
+
+The teacher scores the student's response after the harness's last prompt, so a
+result carries that prompt's token ids when the model reported them (the distill
+step then needs no re-rendering), and the harness's own inserted material (plan,
+reference solution, retrieved examples) separately, so that an over-long teacher
+context can be shortened in that material only (`distill.teacher_overflow`).
 
 Multi-process rule: each process runs the harness on its own share of the
 batch, and every `generate_chat` call is collective. So the number and order
@@ -20,24 +31,46 @@ with an empty list (`call_model` does).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
-GenerateChat = Callable[..., list]
+GenerateChat = Callable[..., object]  # list[str], or an object with .texts and .prompt_tokens
 
 
 class HarnessError(RuntimeError):
     pass
 
 
+SKIPPED = "skipped_"  # mode prefix of skipped results; the phase follows
+
+
+@dataclasses.dataclass
+class TeacherMaterial:
+    """The harness's own inserted texts in a teacher context, and how to rebuild it.
+
+    `rebuild(texts)` returns the teacher messages with `texts` (same length and order)
+    in place of `self.texts`; `rebuild(self.texts)` is the teacher context itself. The
+    problem, the instructions and the chat structure are never part of `texts`.
+    """
+
+    texts: list[str]
+    rebuild: Callable[[list[str]], list[dict]]
+
+
 @dataclasses.dataclass
 class HarnessResult:
     """One example's harness output.
 
-    teacher_messages: the teacher context z(x) (messages of the last call).
-    final_response:   the harness's answer (last call's response).
-    mode:             which path ran (e.g. plan_solve / solve_only / cold_start / draft_only / full).
-    trace:            every call for this example: {"name", "messages", "response"}.
-    info:             extras for logging (parsed draft labels, retrieved ids, ...).
+    teacher_messages:    the teacher context z(x) (messages of the last call).
+    final_response:      the harness's answer (last call's response).
+    mode:                which path ran (e.g. plan_solve / solve_only / cold_start / draft_only / full).
+    trace:               every call for this example: {"name", "messages", "response"}.
+    info:                extras for logging (parsed draft labels, retrieved ids, ...).
+    teacher_prompt_ids:  the token ids the last call was sampled after (the rendered
+                         teacher_messages), or None when no call was made or the model
+                         did not report them; then the trainer renders teacher_messages
+                         with the sampler's renderer and template kwargs.
+    teacher_material:    the inserted material of teacher_messages, or None when there is
+                         none (e.g. a zero-shot cold-start prompt).
     """
 
     teacher_messages: list[dict]
@@ -45,6 +78,18 @@ class HarnessResult:
     mode: str
     trace: list[dict]
     info: dict = dataclasses.field(default_factory=dict)
+    teacher_prompt_ids: list[int] | None = None
+    teacher_material: TeacherMaterial | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """A call's prompt did not fit the sampler: no teacher context, no answer."""
+        return self.mode.startswith(SKIPPED)
+
+
+def skipped_result(phase: str, messages: list[dict], trace: list[dict]) -> HarnessResult:
+    """The result of an example whose `phase` call got None (its prompt did not fit)."""
+    return HarnessResult(messages, "", SKIPPED + phase, trace, {"skipped_phase": phase})
 
 
 class Harness(Protocol):
@@ -68,6 +113,11 @@ class SamplingConfig:
     top_k: int = 20
 
 
+class Replies(NamedTuple):
+    texts: list[str]
+    prompt_ids: list[list[int]] | None  # the ids each text was sampled after; None if not reported
+
+
 def call_model(
     generate_chat: GenerateChat,
     harness: str,
@@ -75,28 +125,40 @@ def call_model(
     message_lists: list[list[dict]],
     sampling: SamplingConfig,
     max_new_tokens: int,
-) -> list[str]:
-    """One batched call for a phase; checks the reply has one string per conversation.
+) -> Replies:
+    """One batched call for a phase; checks the reply has one string (or None: the prompt
+    did not fit the sampler) per conversation.
 
     Called even with no conversations: in a multi-process run `generate_chat` is a
     collective call that every process must make, also one whose share is empty.
     """
-    responses = generate_chat(
+    out = generate_chat(
         message_lists,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
         max_new_tokens=max_new_tokens,
     )
-    responses = list(responses)
+    responses = list(out.texts if hasattr(out, "texts") else out)
+    prompt_ids = getattr(out, "prompt_tokens", None)
     if len(responses) != len(message_lists):
         raise HarnessError(
             f"{harness}/{phase}: generate_chat returned {len(responses)} responses for {len(message_lists)} prompts"
         )
     for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise HarnessError(f"{harness}/{phase}: response {i} is {type(r).__name__}, expected str")
-    return responses
+        if r is not None and not isinstance(r, str):
+            raise HarnessError(f"{harness}/{phase}: response {i} is {type(r).__name__}, expected str or None")
+    if prompt_ids is not None:
+        prompt_ids = [[int(x) for x in p] for p in prompt_ids]
+        if len(prompt_ids) != len(message_lists):
+            raise HarnessError(f"{harness}/{phase}: generate_chat returned {len(prompt_ids)} prompt id lists "
+                               f"for {len(message_lists)} prompts")
+    return Replies(responses, prompt_ids)
+
+
+def prompt_ids_at(replies: Replies, i: int) -> list[int] | None:
+    """The ids reply `i` was sampled after, or None when the model did not report them."""
+    return None if replies.prompt_ids is None else replies.prompt_ids[i]
 
 
 def trace_entry(name: str, messages: list[dict], response: str) -> dict:

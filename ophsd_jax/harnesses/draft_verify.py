@@ -8,6 +8,8 @@
 - Verify: the `confirm_k` nearest cases sharing a draft label and the
   `challenge_k` nearest cases sharing none, and a request to keep or revise
   the draft (mode `full`); its messages are the teacher context.
+- A call whose prompt did not fit the sampler skips the example (mode
+  `skipped_<phase>`, no teacher context).
 
 Every phase is one batched `generate_chat` call. The bank never sees a
 batch's labels before the batch is answered: `observe(examples)` (after the
@@ -20,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 
 from ophsd_jax.harnesses import draft_verify_prompts as prompts
-from ophsd_jax.harnesses.base import HarnessResult, SamplingConfig, call_model, config_from, trace_entry
+from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
+                                     prompt_ids_at, skipped_result, trace_entry)
 from ophsd_jax.harnesses.embedders import make_embedder
 from ophsd_jax.harnesses.memory_bank import MemoryBank
 
@@ -88,8 +91,9 @@ class DraftVerifyHarness:
 
         draft_hits = self.bank.search(query_embeddings=query, k=cfg.draft_k, exclude_ids=self_ids)
         draft_msgs = [prompts.draft_messages(task, e, h, max_chars) for e, h in zip(examples, draft_hits)]
-        drafts = call_model(generate_chat, self.name, "draft", draft_msgs, cfg, cfg.draft_max_tokens)
-        draft_labels = [task.parse_labels(d) for d in drafts]
+        draft = call_model(generate_chat, self.name, "draft", draft_msgs, cfg, cfg.draft_max_tokens)
+        drafts = draft.texts
+        draft_labels = [task.parse_labels(d) if d is not None else [] for d in drafts]  # None: did not fit
 
         todo = [i for i, labels in enumerate(draft_labels) if labels]
         confirm = self.bank.search(
@@ -104,29 +108,45 @@ class DraftVerifyHarness:
             prompts.verify_messages(task, examples[i], draft_labels[i], c, x, max_chars)
             for i, c, x in zip(todo, confirm, challenge)
         ]
-        verdicts = call_model(generate_chat, self.name, "verify", verify_msgs, cfg, cfg.verify_max_tokens)
+        verify = call_model(generate_chat, self.name, "verify", verify_msgs, cfg, cfg.verify_max_tokens)
+        verdicts = verify.texts
 
         results = []
         verified = dict(zip(todo, range(len(todo))))
         for i in range(len(examples)):
             trace = [trace_entry("draft", draft_msgs[i], drafts[i])]
+            if drafts[i] is None:
+                results.append(skipped_result("draft", draft_msgs[i], trace))
+                continue
             info = {"draft_labels": draft_labels[i], "draft_ids": [h.id for h in draft_hits[i]]}
             if i not in verified:
-                results.append(HarnessResult(draft_msgs[i], drafts[i], "draft_only", trace, info))
+                material = _material(lambda hits, mc, e=examples[i]: prompts.draft_messages(task, e, hits, mc),
+                                     draft_hits[i], max_chars)
+                results.append(HarnessResult(draft_msgs[i], drafts[i], "draft_only", trace, info,
+                                             prompt_ids_at(draft, i), material))
                 continue
             j = verified[i]
             trace.append(trace_entry("verify", verify_msgs[j], verdicts[j]))
+            if verdicts[j] is None:
+                results.append(skipped_result("verify", verify_msgs[j], trace))
+                continue
             info["confirm_ids"] = [h.id for h in confirm[j]]
             info["challenge_ids"] = [h.id for h in challenge[j]]
-            results.append(HarnessResult(verify_msgs[j], verdicts[j], "full", trace, info))
+            n = len(confirm[j])
+            material = _material(lambda hits, mc, e=examples[i], labels=draft_labels[i], n=n: prompts.verify_messages(
+                task, e, labels, hits[:n], hits[n:], mc), confirm[j] + challenge[j], max_chars)
+            results.append(HarnessResult(verify_msgs[j], verdicts[j], "full", trace, info,
+                                         prompt_ids_at(verify, j), material))
         return results
 
     def _cold_start(self, examples, generate_chat) -> list[HarnessResult]:
         msgs = [self.task.student_messages(e) for e in examples]
-        responses = call_model(generate_chat, self.name, "cold_start", msgs, self.config, self.config.draft_max_tokens)
-        return [
-            HarnessResult(m, r, "cold_start", [trace_entry("cold_start", m, r)])
-            for m, r in zip(msgs, responses)
+        replies = call_model(generate_chat, self.name, "cold_start", msgs, self.config, self.config.draft_max_tokens)
+        return [  # the student's own prompt: no inserted material
+            HarnessResult(m, r, "cold_start", [trace_entry("cold_start", m, r)],
+                          teacher_prompt_ids=prompt_ids_at(replies, i)) if r is not None
+            else skipped_result("cold_start", m, [trace_entry("cold_start", m, r)])
+            for i, (m, r) in enumerate(zip(msgs, replies.texts))
         ]
 
     def state_dict(self) -> dict:
@@ -134,3 +154,12 @@ class DraftVerifyHarness:
 
     def load_state_dict(self, state: dict) -> None:
         self.bank = MemoryBank.from_state_dict(state["bank"])
+
+
+def _material(build, hits, max_chars) -> TeacherMaterial | None:
+    """The retrieved neighbours' texts as the prompt shows them (clipped), and how to
+    rebuild the prompt `build(hits, max_chars)` with other texts for them."""
+    if not hits:
+        return None
+    texts = [prompts.clip(h.text, max_chars) for h in hits]
+    return TeacherMaterial(texts, lambda t: build([dataclasses.replace(h, text=x) for h, x in zip(hits, t)], None))

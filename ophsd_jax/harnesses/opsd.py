@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ophsd_jax.harnesses.base import HarnessResult, SamplingConfig, call_model, config_from, trace_entry
+from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
+                                     prompt_ids_at, skipped_result, trace_entry)
 
 
 @dataclasses.dataclass
@@ -41,24 +42,33 @@ class OPSDHarness:
         self.config = config_from(OPSDConfig, config)
 
     def run(self, examples: list[dict], generate_chat) -> list[HarnessResult]:
-        contexts, modes = [], []
+        contexts, modes, materials = [], [], []
         for e in examples:
             solution = self.task.reference_solution(e)
             answer_only = not solution.strip()
             reference = self.task.reference_answer(e) if answer_only else solution
-            contexts.append(opsd_messages(self.task.student_messages(e), reference, answer_only))
+            student = self.task.student_messages(e)
+            contexts.append(opsd_messages(student, reference, answer_only))
             modes.append("opsd_answer_only" if answer_only else "opsd")
+            materials.append(TeacherMaterial(
+                [reference], lambda t, s=student, a=answer_only: opsd_messages(s, t[0], a)))
+        # Without `generate` the teacher context is never sampled: no prompt ids.
+        replies = None
         responses = [""] * len(examples)
         if self.config.generate:
-            responses = call_model(generate_chat, self.name, "solve", contexts, self.config, self.config.max_tokens)
+            replies = call_model(generate_chat, self.name, "solve", contexts, self.config, self.config.max_tokens)
+            responses = replies.texts
         return [
-            HarnessResult(
+            skipped_result("solve", ctx, [trace_entry("solve", ctx, resp)]) if resp is None  # did not fit
+            else HarnessResult(
                 teacher_messages=ctx,
                 final_response=resp,
                 mode=mode,
                 trace=[trace_entry("solve", ctx, resp)] if self.config.generate else [],
+                teacher_prompt_ids=None if replies is None else prompt_ids_at(replies, i),
+                teacher_material=material,
             )
-            for ctx, resp, mode in zip(contexts, responses, modes)
+            for i, (ctx, resp, mode, material) in enumerate(zip(contexts, responses, modes, materials))
         ]
 
     def observe(self, examples: list[dict]) -> None:

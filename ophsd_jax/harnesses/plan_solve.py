@@ -17,7 +17,8 @@ import dataclasses
 
 from ophsd_jax.data.parsing import strip_boxed_instruction, strip_thinking
 from ophsd_jax.harnesses import plan_solve_prompts as prompts
-from ophsd_jax.harnesses.base import HarnessResult, SamplingConfig, call_model, config_from, trace_entry
+from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
+                                     prompt_ids_at, skipped_result, trace_entry)
 
 
 @dataclasses.dataclass
@@ -46,24 +47,41 @@ class PlanSolveHarness:
         refs = [self._references(e) for e in examples]
 
         plan_msgs = [prompts.plan_messages(p, solution) for p, (_, solution) in zip(problems, refs)]
-        plans = call_model(generate_chat, self.name, "plan", plan_msgs, cfg, cfg.plan_max_tokens)
-        clean_plans = [strip_thinking(p) for p in plans]
+        plans = call_model(generate_chat, self.name, "plan", plan_msgs, cfg, cfg.plan_max_tokens).texts
+        todo = [i for i, p in enumerate(plans) if p is not None]  # None: the plan prompt did not fit
+        clean_plans = {i: strip_thinking(plans[i]) for i in todo}
 
-        solve_msgs = [
-            prompts.solve_messages(p, plan, answer) if plan else prompts.solve_only_messages(p, answer)
-            for p, plan, (answer, _) in zip(problems, clean_plans, refs)
-        ]
-        solves = call_model(generate_chat, self.name, "solve", solve_msgs, cfg, cfg.solve_max_tokens)
+        solve_msgs = {
+            i: prompts.solve_messages(problems[i], clean_plans[i], refs[i][0]) if clean_plans[i]
+            else prompts.solve_only_messages(problems[i], refs[i][0])
+            for i in todo
+        }
+        solve = call_model(generate_chat, self.name, "solve", [solve_msgs[i] for i in todo], cfg,
+                           cfg.solve_max_tokens)
+        solves = dict(zip(todo, solve.texts))
+        solve_ids = {i: prompt_ids_at(solve, j) for j, i in enumerate(todo)}
 
         results = []
         for i in range(len(examples)):
-            trace = [trace_entry("plan", plan_msgs[i], plans[i]), trace_entry("solve", solve_msgs[i], solves[i])]
+            trace = [trace_entry("plan", plan_msgs[i], plans[i])]
+            if i not in solves:
+                results.append(skipped_result("plan", plan_msgs[i], trace))
+                continue
+            trace.append(trace_entry("solve", solve_msgs[i], solves[i]))
+            if solves[i] is None:
+                results.append(skipped_result("solve", solve_msgs[i], trace))
+                continue
             results.append(HarnessResult(
                 teacher_messages=solve_msgs[i],
                 final_response=solves[i],
                 mode="plan_solve" if clean_plans[i] else "solve_only",
                 trace=trace,
                 info={"plan": clean_plans[i]},
+                teacher_prompt_ids=solve_ids[i],
+                # The plan is the inserted material (the answer hint is a few tokens).
+                teacher_material=TeacherMaterial(
+                    [clean_plans[i]], lambda t, p=problems[i], a=refs[i][0]: prompts.solve_messages(p, t[0], a),
+                ) if clean_plans[i] else None,
             ))
         return results
 

@@ -98,9 +98,11 @@ def cast_params(params, dtype):
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
-def forward(graphdef, params, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=0):
-    """Hidden states [B, T, D]; see `Decoder.__call__`."""
-    return nnx.merge(graphdef, params)(tokens, positions, attn_mask, cache, cache_index)
+def forward(graphdef, params, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=0, *,
+            lora=None, lora_scale: float = 1.0):
+    """Hidden states [B, T, D]; see `Decoder.__call__` (lora: adapters applied on the fly)."""
+    return nnx.merge(graphdef, params)(tokens, positions, attn_mask, cache, cache_index, lora=lora,
+                                       lora_scale=lora_scale)
 
 
 def logits(graphdef, params, hidden):

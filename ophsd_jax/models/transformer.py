@@ -104,8 +104,13 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(_init_value("lm_head", (D, V), pdt, rngs.params()), axes=("embed", "vocab"))
 
-    def __call__(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=0):
+    def __call__(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=0, *,
+                 lora: dict | None = None, lora_scale: float = 1.0):
         """Final hidden states [B, T, D] (compute dtype) and the updated cache.
+
+        lora: optional low-rank adapters {param name: {"a": [L, *in, r], "b": [L, r, *out]}}
+        (models/lora.py), applied on the fly: each adapted projection adds
+        lora_scale * (x @ a) @ b to x @ W.
 
         tokens, positions: [B, T] int. attn_mask: [B, T] (no cache) or [B, slots] (with
         cache): 1 where a key position holds a real token. With a (stacked) cache the T
@@ -120,7 +125,7 @@ class Decoder(nnx.Module):
         # passing it as scanned xs/ys would copy all of it every layer of every step.
         def block(carry, xs):
             x, kv = carry
-            p, layer = xs
+            p, adapter, layer = xs
 
             def attend(q, k, v):
                 if kv is None:
@@ -132,13 +137,13 @@ class Decoder(nnx.Module):
                 return _cache_attention(q, k, v, mask, ck[layer], cv[layer], cache_index, attn_mask[:, :q.shape[1]],
                                         cfg.attention), (ck, cv)
 
-            x, kv = _layer(cfg, x, p, cos, sin, attend)
+            x, kv = _layer(cfg, x, p, cos, sin, attend, lora=None if adapter is None else (adapter, lora_scale))
             return (x, kv), None
 
         if cfg.remat:
             block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy])
         kv_in = None if cache is None else (cache.k, cache.v)
-        (x, kv_out), _ = jax.lax.scan(block, (x, kv_in), (params, jnp.arange(cfg.num_layers)))
+        (x, kv_out), _ = jax.lax.scan(block, (x, kv_in), (params, lora, jnp.arange(cfg.num_layers)))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return x, None if cache is None else KVCache(*kv_out)
 
@@ -224,17 +229,29 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, :, None] + rot * sin[:, :, None]).astype(x.dtype)
 
 
-def _layer(cfg: ModelConfig, x, p, cos, sin, attend, ops=None):
+def _lora_delta(x, ab, scale, n_in: int):
+    """scale * (x @ a) @ b for x [..., *in], a [*in, r], b [r, *out] (one layer's adapter)."""
+    xa = jnp.tensordot(x, ab["a"].astype(x.dtype), axes=n_in)
+    return scale * jnp.tensordot(xa, ab["b"].astype(x.dtype), axes=1)
+
+
+def _layer(cfg: ModelConfig, x, p, cos, sin, attend, ops=None, lora=None):
     """One decoder layer. `attend(q, k, v) -> (out, state)` does attention (and any
     cache update); q: [B,T,H,Dh], k, v: [B,T,K,Dh]. `ops` supplies the output
-    projections and the MLP (default: the backend's, `backend_ops()`)."""
+    projections and the MLP (default: the backend's, `backend_ops()`). `lora`:
+    (this layer's adapters by param name, scale) or None."""
     ops = ops or backend_ops()
     dt = x.dtype
     w = lambda name: jax.tree.map(lambda a: a.astype(dt), p[name])  # noqa: E731 - params in param_dtype, math in dt
+    adapters, scale = lora if lora is not None else ({}, 1.0)
+
+    def plus_lora(y, name, inp, n_in=1):
+        return y + _lora_delta(inp, adapters[name], scale, n_in) if name in adapters else y
+
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, w("wq"))
-    k = jnp.einsum("btd,dhk->bthk", h, w("wk"))
-    v = jnp.einsum("btd,dhk->bthk", h, w("wv"))
+    q = plus_lora(jnp.einsum("btd,dhk->bthk", h, w("wq")), "wq", h)
+    k = plus_lora(jnp.einsum("btd,dhk->bthk", h, w("wk")), "wk", h)
+    v = plus_lora(jnp.einsum("btd,dhk->bthk", h, w("wv")), "wv", h)
     if cfg.qkv_bias:
         q, k, v = q + w("bq"), k + w("bk"), v + w("bv")
     if cfg.qk_norm:
@@ -243,10 +260,17 @@ def _layer(cfg: ModelConfig, x, p, cos, sin, attend, ops=None):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
     attn, state = attend(q, k, v)
-    x = x + ops.dense("bthk,hkd->btd", checkpoint_name(attn, "attn_out"), w("wo"))
+    attn = checkpoint_name(attn, "attn_out")
+    x = x + plus_lora(ops.dense("bthk,hkd->btd", attn, w("wo")), "wo", attn, 2)
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    x = x + ops.mlp(h, w("w_gate"), w("w_up"), w("w_down"))
+    if any(n in adapters for n in ("w_gate", "w_up", "w_down")):  # the plain SwiGLU math, plus the adapters
+        gate = plus_lora(jnp.einsum("btd,df->btf", h, w("w_gate")), "w_gate", h)
+        act = jax.nn.silu(gate) * plus_lora(jnp.einsum("btd,df->btf", h, w("w_up")), "w_up", h)
+        act = checkpoint_name(act, "mlp_act")
+        x = x + plus_lora(jnp.einsum("btf,fd->btd", act, w("w_down")), "w_down", act)
+    else:
+        x = x + ops.mlp(h, w("w_gate"), w("w_up"), w("w_down"))
     x = constrain(x, ("batch", "seq", "act_embed"))
     return x, state
 
@@ -289,7 +313,6 @@ REMAT_POLICIES = {
     "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
     "qkv_attn_out": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out"),
 }
-
 
 
 def _grouped_attention(q, k, v, mask, keys_transposed: bool = False):
