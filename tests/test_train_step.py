@@ -48,26 +48,28 @@ def make_batch(rng, n=4, teacher_extra=True, batch_size=4, buckets=(8, 16, 32, 6
 SMOOTH_ADAM = OptimConfig(learning_rate=1e-3, weight_decay=0.01, eps=1.0)
 
 
-def batch_logits(graphdef, params, batch):
+def batch_logits(graphdef, params, batch, teacher_params=None):
     """fp32 student and teacher logits at the response positions: the loss's inputs."""
     out = []
-    for side in (batch.student, batch.teacher):
-        h, _ = S.forward(graphdef, params, *(jnp.asarray(x) for x in (side.tokens, side.positions, side.attn_mask)))
+    for side, p in ((batch.student, params), (batch.teacher, params if teacher_params is None else teacher_params)):
+        h, _ = S.forward(graphdef, p, *(jnp.asarray(x) for x in (side.tokens, side.positions, side.attn_mask)))
         h = jnp.take_along_axis(h, jnp.asarray(side.resp_index)[..., None], axis=1)
-        out.append(np.asarray(S.logits(graphdef, params, h)))
+        out.append(np.asarray(S.logits(graphdef, p, h)))
     return out
 
 
-def step_tolerances(graphdef, params, batch, grad_norm, seq_len):
+def step_tolerances(graphdef, params, batch, grad_norm, seq_len, cfg=None, teacher_params=None, extra_terms=0):
     """How far two fp32 evaluations of one train step (another batch split, another
-    sharding) may be apart: (loss atol, gradient atol in the L2 norm), from the bounds of
-    `tolerances` for the step's own input logits: the decoder forward's error, what it and
-    the divergence's rounding do to the loss and to its cotangent, and the backward pass's
-    chain of reductions (the forward's again, plus the sum over tokens)."""
-    s, t = batch_logits(graphdef, params, batch)
+    sharding, another formulation) may be apart: (loss atol, gradient atol in the L2 norm),
+    from the bounds of `tolerances` for the step's own input logits: the decoder forward's
+    error, what it and the divergence's rounding do to the loss and to its cotangent, and
+    the backward pass's chain of reductions (the forward's again, plus the sum over tokens).
+    `extra_terms`: sums one formulation adds along the path (LoRA's low-rank products)."""
+    s, t = batch_logits(graphdef, params, batch, teacher_params)
     m = batch.resp_mask.astype(bool)
-    n_fwd = tol.decoder_terms(CFG, seq_len)
-    logits_err = tol.prob(n_fwd) * tol.model_logit_scale(graphdef, params)
+    n_fwd = tol.decoder_terms(cfg or CFG, seq_len) + extra_terms
+    teacher_scale = tol.model_logit_scale(graphdef, params if teacher_params is None else teacher_params)
+    logits_err = tol.prob(n_fwd) * max(tol.model_logit_scale(graphdef, params), teacher_scale)
     loss_atol = tol.pair(tol.divergence_atol(s, t, m, logits_err, weights=batch.row_mask))
     grad_rtol = tol.pair(tol.divergence_grad_rtol(s, t, m, logits_err, weights=batch.row_mask)
                          + tol.prob(2 * n_fwd + int(m.sum())))

@@ -84,10 +84,11 @@ def model_logit_scale(graphdef, params) -> float:
     return logit_scale(jax.device_get(final_norm), jax.device_get(S.lm_head(graphdef, params)))
 
 
-def logits_atol(cfg, graphdef, params, seq_len: int) -> float:
+def logits_atol(cfg, graphdef, params, seq_len: int, extra_terms: int = 0) -> float:
     """Two fp32 decoder forwards of the same inputs (ours and transformers', sharded and not,
-    scanned and unrolled) give logits within this of each other."""
-    return pair(prob(decoder_terms(cfg, seq_len)) * model_logit_scale(graphdef, params))
+    scanned and unrolled) give logits within this of each other; `extra_terms`: sums one of
+    them adds along the path (e.g. LoRA's low-rank products)."""
+    return pair(prob(decoder_terms(cfg, seq_len) + extra_terms) * model_logit_scale(graphdef, params))
 
 
 def log_softmax_atol(logits_tol: float, vocab: int) -> float:
