@@ -8,7 +8,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 usage() {
   cat <<USAGE
-Usage: launch/tpu_relaunch.sh --name NAME --zone ZONE --accelerator-type TYPE --workers N \\
+Usage: launch/tpu_relaunch.sh --name NAME --zone ZONE --accelerator-type TYPE [--workers N] \\
          --config FILE --workdir DIR [options] [-- ARGS...]
 
 Loop: if the TPU is missing, PREEMPTED or TERMINATED, delete and recreate it (Spot) and
@@ -17,7 +17,8 @@ DIR by itself. Stops when DIR/summary.json exists (written at the end of trainin
 after --max-attempts.
 
   --name, --zone, --accelerator-type, --version, --project   as for tpu_create.sh
-  --workers, --config, --workdir, --logdir                    as for tpu_run.sh
+  --workers, --config, --workdir, --logdir                    as for tpu_run.sh (--workers is
+                                                               derived from TYPE when omitted)
   --max-attempts N   give up after N launches (default: 20)
   --wait SECONDS     pause between attempts (default: 60)
   --dry-run          print one round of gcloud commands instead of running them
@@ -25,7 +26,7 @@ after --max-attempts.
 USAGE
 }
 
-NAME="" ZONE="" TYPE="" VERSION="tpu-ubuntu2204-base" PROJECT="" WORKERS="" CONFIG="" WORKDIR="" LOGDIR=""
+NAME="" ZONE="" TYPE="" VERSION="" PROJECT="" WORKERS="" CONFIG="" WORKDIR="" LOGDIR=""
 MAX_ATTEMPTS=20 WAIT=60 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,13 +47,16 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
-need "$NAME" name; need "$ZONE" zone; need "$TYPE" accelerator-type; need "$WORKERS" workers
+need "$NAME" name; need "$ZONE" zone; need "$TYPE" accelerator-type
 need "$CONFIG" config; need "$WORKDIR" workdir
 COMMON=(--name "$NAME" --zone "$ZONE")
 [ -n "$PROJECT" ] && COMMON+=(--project "$PROJECT")
 DRY=()
 [ "$DRY_RUN" = 1 ] && DRY=(--dry-run)
-RUN_ARGS=(--workers "$WORKERS" --config "$CONFIG" --workdir "$WORKDIR")
+CREATE_ARGS=(--accelerator-type "$TYPE")
+[ -n "$VERSION" ] && CREATE_ARGS+=(--version "$VERSION")  # else tpu_create.sh's default for TYPE
+RUN_ARGS=(--accelerator-type "$TYPE" --config "$CONFIG" --workdir "$WORKDIR")
+[ -n "$WORKERS" ] && RUN_ARGS+=(--workers "$WORKERS")  # else derived from TYPE by tpu_run.sh
 [ -n "$LOGDIR" ] && RUN_ARGS+=(--logdir "$LOGDIR")
 PROJECT_ARGS=()
 [ -n "$PROJECT" ] && PROJECT_ARGS=(--project "$PROJECT")
@@ -70,7 +74,7 @@ finished() {
 if [ "$DRY_RUN" = 1 ]; then  # one round, every command printed
   run gcloud compute tpus tpu-vm describe "$NAME" --zone "$ZONE" "${PROJECT_ARGS[@]}" --format='value(state)'
   run gcloud compute tpus tpu-vm delete "$NAME" --zone "$ZONE" "${PROJECT_ARGS[@]}" --quiet
-  "$HERE/tpu_create.sh" "${COMMON[@]}" --accelerator-type "$TYPE" --version "$VERSION" --spot "${DRY[@]}"
+  "$HERE/tpu_create.sh" "${COMMON[@]}" "${CREATE_ARGS[@]}" --spot "${DRY[@]}"
   "$HERE/tpu_setup.sh" "${COMMON[@]}" "${DRY[@]}"
   "$HERE/tpu_run.sh" "${COMMON[@]}" "${RUN_ARGS[@]}" "${DRY[@]}" -- "${EXTRA[@]+"${EXTRA[@]}"}"
   run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=0 "${PROJECT_ARGS[@]}" \
@@ -85,7 +89,7 @@ for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
     if [ "$state" != MISSING ]; then
       gcloud compute tpus tpu-vm delete "$NAME" --zone "$ZONE" "${PROJECT_ARGS[@]}" --quiet || true
     fi
-    "$HERE/tpu_create.sh" "${COMMON[@]}" --accelerator-type "$TYPE" --version "$VERSION" --spot || { sleep "$WAIT"; continue; }
+    "$HERE/tpu_create.sh" "${COMMON[@]}" "${CREATE_ARGS[@]}" --spot || { sleep "$WAIT"; continue; }
     "$HERE/tpu_setup.sh" "${COMMON[@]}" || { sleep "$WAIT"; continue; }
   fi
   "$HERE/tpu_run.sh" "${COMMON[@]}" "${RUN_ARGS[@]}" -- "${EXTRA[@]+"${EXTRA[@]}"}" || true

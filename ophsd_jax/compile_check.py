@@ -154,8 +154,8 @@ def model_config(c, preset: str | None = None):
             raise ValueError(f"unknown --model preset {name!r} (one of {sorted(presets)})")
         return presets[name](**kw)
     if m.source == "hf":
-        with open(os.path.join(m.path, "config.json")) as f:
-            return ModelConfig.from_hf(json.load(f), **kw)
+        from ophsd_jax.models.weights import hf_model_config
+        return hf_model_config(m.path, **kw)
     if m.source == "bundled":
         return ModelConfig.smollm2_135m(**kw)
     random = m.random.to_dict()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+import tolerances as tol
 from ophsd_jax import parallel
 from ophsd_jax.models import bundled
 from ophsd_jax.models import state as S
@@ -31,7 +32,7 @@ def test_logits_match_transformers_with_same_weights(smollm):
         ref = hf(input_ids=torch.tensor(t)).logits.numpy()
     h, _ = jax.jit(S.forward, static_argnums=0)(graphdef, params, jnp.asarray(t), S.positions_from_mask(m), jnp.asarray(m))
     ours = np.asarray(S.logits(graphdef, params, h))
-    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tol.logits_atol(cfg, graphdef, params, t.shape[1]))
 
 
 def test_greedy_continuation_knows_paris(smollm):

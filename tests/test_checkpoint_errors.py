@@ -111,3 +111,76 @@ def test_index_points_to_missing_shard(folder):
               open(os.path.join(folder, "model.safetensors.index.json"), "w"))
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors.*does not exist"):
         load(folder)
+
+
+def one_line_error(path, match):
+    """The CheckpointError's message: one line, matching `match`."""
+    with pytest.raises(CheckpointError, match=match) as e:
+        load(path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_index_not_json(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    open(index, "w").write('{"weight_map": ')
+    msg = one_line_error(folder, "model.safetensors.index.json: invalid JSON")
+    assert msg.count(index) == 1
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"weights"'])
+def test_index_not_an_object(folder, content):
+    open(os.path.join(folder, "model.safetensors.index.json"), "w").write(content)
+    one_line_error(folder, r"model\.safetensors\.index\.json: expected a JSON object")
+
+
+def test_index_weight_map_value_not_a_file_name(folder):
+    json.dump({"weight_map": {"model.embed_tokens.weight": 1}},
+              open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+    one_line_error(folder, r"index\.json: weight_map\['model\.embed_tokens\.weight'\] must be a file name")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", "4"])
+def test_config_not_an_object(folder, content):
+    open(os.path.join(folder, "config.json"), "w").write(content)
+    one_line_error(folder, r"config\.json: expected a JSON object")
+
+
+def test_config_not_utf8(folder):
+    open(os.path.join(folder, "config.json"), "wb").write(b"\xff\xfe{}")
+    one_line_error(folder, r"config\.json: invalid JSON")
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_attention_heads", "4", "'num_attention_heads' must be an integer, got '4'"),
+    ("hidden_size", 64.0, "'hidden_size' must be an integer, got 64.0"),
+    ("num_hidden_layers", True, "'num_hidden_layers' must be an integer, got True"),
+    ("num_key_value_heads", 0, "'num_key_value_heads' must be positive"),
+    ("tie_word_embeddings", "false", "'tie_word_embeddings' must be true or false, got 'false'"),
+    ("rms_norm_eps", "1e-6", "'rms_norm_eps' must be a number, got '1e-6'"),
+    ("eos_token_id", [2, "3"], r"'eos_token_id\[1\]' must be an integer"),
+    ("architectures", "LlamaForCausalLM", "'architectures' must be a list"),
+    ("rope_scaling", {"rope_type": "linear", "factor": "2"}, "'rope_scaling.factor' must be a number"),
+])
+def test_config_value_of_wrong_type(folder, key, value, match):
+    edit_config(folder, **{key: value})
+    msg = one_line_error(folder, r"config\.json: " + match)
+    assert msg.count(os.path.join(folder, "config.json")) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int8, np.uint8, np.bool_])
+def test_integer_tensor_is_refused(folder, dtype):
+    def edit(t):
+        t["model.norm.weight"] = np.ones(t["model.norm.weight"].shape, dtype)
+    rewrite(folder, edit)
+    one_line_error(folder, r"model\.safetensors: tensor 'model\.norm\.weight' has dtype \w+; weights must be floating")
+
+
+def test_path_named_once(folder):
+    """Errors re-wrapped by the loader do not repeat the file's path."""
+    cfg = os.path.join(folder, "config.json")
+    open(cfg, "w").write("{not json")
+    assert one_line_error(folder, "invalid JSON").count(cfg) == 1
+    edit_path = os.path.join(folder, "..", "nope")
+    assert one_line_error(edit_path, "does not exist").count("nope") == 1

@@ -157,3 +157,19 @@ def test_optimizer_moments_take_the_params_shardings():
     assert checked == 2 * len(params_specs)  # Adam's mu and nu for every parameter
     assert any(s != jax.sharding.PartitionSpec() for s in params_specs.values())
     np.testing.assert_array_equal(np.asarray(state.step), 0)
+
+
+def test_bad_hf_config_is_a_one_line_error_naming_the_file(tmp_path):
+    """The deviceless check reads a folder's config.json through the loader's checks."""
+    from ophsd_jax.models.weights import CheckpointError
+
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_size": 320, '
+                                          '"hidden_size": 64, "intermediate_size": 128, '
+                                          '"num_hidden_layers": 2, "num_attention_heads": "4"}')
+    c = base_config()
+    c.model.source, c.model.path = "hf", str(tmp_path)
+    with pytest.raises(CheckpointError, match=r"config\.json: 'num_attention_heads' must be an integer, got '4'$"):
+        cc.model_config(c)
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list$"):
+        cc.model_config(c)

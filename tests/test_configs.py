@@ -17,7 +17,8 @@ from ophsd_jax.models import state as S
 from ophsd_jax.models.config import ModelConfig
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py")))
-PAPER = [p for p in CONFIGS if os.path.basename(p).startswith("qwen3_8b")]
+PAPER = [p for p in CONFIGS if os.path.basename(p).startswith("qwen3_8b") and not p.endswith("_lora.py")]
+LORA = [p for p in CONFIGS if p.endswith("qwen3_8b_opsd_math_lora.py")]
 
 
 def load(path):
@@ -77,6 +78,18 @@ def test_paper_settings():
     assert load([p for p in PAPER if "opsd" in p][0]).harness.name == "opsd"
 
 
+def test_lora_recipe_config():
+    """The OPSD recipe with LoRA: rank 64, alpha 128, the base (adapter off) as the fixed
+    teacher; otherwise the OPSD math config's data, lengths and batch."""
+    (path,) = LORA
+    lora, opsd = load(path), load([p for p in PAPER if "opsd" in p][0])
+    assert (lora.lora.rank, lora.lora.alpha, lora.distill.teacher) == (64, 128, "initial")
+    assert lora.harness.name == opsd.harness.name == "opsd"
+    for key in ("train.batch_size", "rollout.max_new_tokens", "distill.teacher_buckets", "distill.student_buckets"):
+        section, name = key.split(".")
+        assert lora[section][name] == opsd[section][name], key
+
+
 def per_device_elements(abstract, mesh):
     """Parameter elements one device holds under the rules table (naive count from the specs)."""
     total = 0
@@ -102,4 +115,6 @@ def test_paper_config_builds_abstractly(path):
     specs = {name: parallel.logical_to_spec(var.get_metadata()["axes"], var.get_value().shape, mesh)
              for name, var in S.flat_names(abstract).items()}
     assert specs["layers.wq"][1] == "fsdp" and specs["embed"][1] == "fsdp"
-    assert per_device_elements(abstract, mesh) * 32 == pytest.approx(n_params, rel=2e-3)  # only norms replicated
+    # Every weight splits evenly over the 32 chips; only the norms are replicated (exact counts).
+    norms = sum(var.get_value().size for name, var in S.flat_names(abstract).items() if name.endswith("norm"))
+    assert per_device_elements(abstract, mesh) * 32 == n_params + 31 * norms

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances as tol
 from ophsd_jax import parallel
 from ophsd_jax.distill.batch import build_pair_batch
 from ophsd_jax.distill.step import OptimConfig, StepConfig, TrainStep, init_train_state, make_optimizer
@@ -41,13 +42,46 @@ def make_batch(rng, n=4, teacher_extra=True, batch_size=4, buckets=(8, 16, 32, 6
 
 
 # For comparing two runs: Adam's g/sqrt(v) turns reduction-order noise in near-zero
-# gradients into full-size updates; with a larger eps the update is smooth in g.
-SMOOTH_ADAM = OptimConfig(learning_rate=1e-3, weight_decay=0.01, eps=1e-3)
+# gradients into full-size updates. With eps = 1 the update lr * m/(sqrt(v) + eps) is smooth:
+# m and sqrt(v) (bias-corrected averages) move by at most max|dg| when the gradients move
+# by dg, so the update by at most lr * (1 + |m|) * max|dg| (at the first step m = g).
+SMOOTH_ADAM = OptimConfig(learning_rate=1e-3, weight_decay=0.01, eps=1.0)
+
+
+def batch_logits(graphdef, params, batch, teacher_params=None):
+    """fp32 student and teacher logits at the response positions: the loss's inputs."""
+    out = []
+    for side, p in ((batch.student, params), (batch.teacher, params if teacher_params is None else teacher_params)):
+        h, _ = S.forward(graphdef, p, *(jnp.asarray(x) for x in (side.tokens, side.positions, side.attn_mask)))
+        h = jnp.take_along_axis(h, jnp.asarray(side.resp_index)[..., None], axis=1)
+        out.append(np.asarray(S.logits(graphdef, p, h)))
+    return out
+
+
+def step_tolerances(graphdef, params, batch, grad_norm, seq_len, cfg=None, teacher_params=None, extra_terms=0):
+    """How far two fp32 evaluations of one train step (another batch split, another
+    sharding, another formulation) may be apart: (loss atol, gradient atol in the L2 norm),
+    from the bounds of `tolerances` for the step's own input logits: the decoder forward's
+    error, what it and the divergence's rounding do to the loss and to its cotangent, and
+    the backward pass's chain of reductions (the forward's again, plus the sum over tokens).
+    `extra_terms`: sums one formulation adds along the path (LoRA's low-rank products)."""
+    s, t = batch_logits(graphdef, params, batch, teacher_params)
+    m = batch.resp_mask.astype(bool)
+    n_fwd = tol.decoder_terms(cfg or CFG, seq_len) + extra_terms
+    teacher_scale = tol.model_logit_scale(graphdef, params if teacher_params is None else teacher_params)
+    logits_err = tol.prob(n_fwd) * max(tol.model_logit_scale(graphdef, params), teacher_scale)
+    loss_atol = tol.pair(tol.divergence_atol(s, t, m, logits_err, weights=batch.row_mask))
+    grad_rtol = tol.pair(tol.divergence_grad_rtol(s, t, m, logits_err, weights=batch.row_mask)
+                         + tol.prob(2 * n_fwd + int(m.sum())))
+    return loss_atol, grad_rtol * grad_norm
+
+
+CFG = ModelConfig.tiny("llama", vocab_size=256, tie_word_embeddings=False)
 
 
 def setup(mesh, step_cfg=StepConfig(), optim=OptimConfig(learning_rate=1e-3, weight_decay=0.01), seed=0,
           family="llama", remat=False, scale=5.0):
-    cfg = ModelConfig.tiny(family, vocab_size=256, tie_word_embeddings=False, remat=remat)
+    cfg = CFG.replace(family=family, remat=remat)
     graphdef, params = S.init_params(cfg, mesh, seed=seed)
     params = jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, params)  # non-trivial distributions
     opt = make_optimizer(optim)
@@ -83,40 +117,58 @@ def test_identical_contexts_give_zero_loss_and_gradient(remat):
     assert float(m2["loss"]) > 1e-2 and float(m2["grad_norm"]) > 1e-2
 
 
+def assert_same_step(a, b, bounds, lr):
+    """Loss, gradient norm and params of two runs of the same steps within the bounds of
+    each step (see `step_tolerances`). The params differ by the Adam updates' difference:
+    in the L2 norm (so also per element) at most lr * (1 + |m|) times the gradients' (see
+    SMOOTH_ADAM; the first moment |m| is at most the largest gradient norm so far), summed
+    over steps. That difference reaches the next step's loss as at most |grad| * |dp|; its
+    effect on the next gradient is another factor lr smaller (ignored)."""
+    (loss_a, gn_a, p_a), (loss_b, gn_b, p_b) = a, b
+    params_atol = 0.0
+    for i, (la, lb, ga, gb, (loss_atol, grad_atol)) in enumerate(zip(loss_a, loss_b, gn_a, gn_b, bounds)):
+        loss_atol += gb * params_atol
+        assert abs(la - lb) <= loss_atol, (la, lb, loss_atol)
+        assert abs(ga - gb) <= grad_atol, (ga, gb, grad_atol)
+        params_atol += lr * (1 + max(gn_b[: i + 1])) * grad_atol
+    for x, y in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=params_atol)
+
+
+def run_steps(mesh, batch, steps, step_cfg=StepConfig(), with_bounds=False):
+    """(losses, grad norms, final params[, per-step tolerances]) of `steps` SMOOTH_ADAM steps."""
+    # scale 2: at 5x the tiny net is chaotic enough to amplify fp32 reduction-order noise
+    # to ~1e-4 in early-layer gradients; at 2x it stays ~1e-6 (no bug either way).
+    graphdef, state, teacher, step = setup(mesh, step_cfg, optim=SMOOTH_ADAM, scale=2.0)
+    seq = max(batch.student.tokens.shape[1], batch.teacher.tokens.shape[1])
+    losses, norms, bounds = [], [], []
+    for _ in range(steps):
+        params = jax.tree.map(np.asarray, state.params) if with_bounds else None
+        state, metrics = step(state, teacher, batch)
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+        if with_bounds:
+            bounds.append(step_tolerances(graphdef, jax.device_put(params), batch, norms[-1], seq))
+    out = (losses, norms, jax.tree.map(np.asarray, state.params))
+    return (*out, bounds) if with_bounds else (*out, state)
+
+
 def test_sharded_step_equals_single_device():
     batch = make_batch(np.random.default_rng(1), n=8, batch_size=8)
-    results = []
-    optim = SMOOTH_ADAM
-    for mesh in (parallel.single_device_mesh(), parallel.make_mesh(data=2, fsdp=2, tensor=2)):
-        # scale 2: at 5x the tiny net is chaotic enough to amplify fp32 reduction-order
-        # noise to ~1e-4 in early-layer gradients; at 2x it stays ~1e-6 (no bug either way).
-        graphdef, state, teacher, step = setup(mesh, optim=optim, scale=2.0)
-        losses = []
-        for _ in range(2):
-            state, metrics = step(state, teacher, batch)
-            losses += [float(metrics["loss"]), float(metrics["grad_norm"])]
-        results.append((losses, jax.tree.map(np.asarray, state.params), state))
-    (l1, p1, _), (l8, p8, s8) = results
+    *single, bounds = run_steps(parallel.single_device_mesh(), batch, 2, with_bounds=True)
+    *sharded, s8 = run_steps(parallel.make_mesh(data=2, fsdp=2, tensor=2), batch, 2)
     wq = S.flat_names(s8.params)["layers.wq"].get_value()
     assert len({tuple(sh.data.shape) for sh in wq.addressable_shards}) == 1 and wq.sharding.spec[1] == "fsdp"
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_step(sharded, single, bounds, SMOOTH_ADAM.learning_rate)
 
 
 def test_micro_batches_equal_full_batch():
     mesh = parallel.single_device_mesh()
     batch = make_batch(np.random.default_rng(2), n=4)
-    out = []
-    for m in (1, 2, 4):
-        _, state, teacher, step = setup(mesh, StepConfig(micro_batches=m), optim=SMOOTH_ADAM, scale=2.0)
-        state, metrics = step(state, teacher, batch)
-        out.append((float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state.params)))
-    for loss, gn, params in out[1:]:
-        np.testing.assert_allclose(loss, out[0][0], rtol=1e-5)
-        np.testing.assert_allclose(gn, out[0][1], rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(out[0][2])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    *full, bounds = run_steps(mesh, batch, 1, with_bounds=True)
+    for m in (2, 4):
+        *micro, _ = run_steps(mesh, batch, 1, StepConfig(micro_batches=m))
+        assert_same_step(micro, full, bounds, SMOOTH_ADAM.learning_rate)
 
 
 def test_non_finite_gradient_skips_update():

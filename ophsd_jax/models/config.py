@@ -7,6 +7,7 @@ set of switches (q/k/v bias for Qwen2, per-head q/k RMSNorm for Qwen3).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -24,6 +25,34 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 class ConfigError(ValueError):
     """A model config (ours or a Hugging Face config.json) is invalid or unsupported."""
+
+
+# Sizes that must be positive; every other integer key may be any integer (token ids).
+_POSITIVE = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings"}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "an object"}
+
+
+def _check(key: str, value, kind):
+    """`value` if it is of JSON type `kind` (bool is not an integer, an integer is a number)."""
+    if kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ConfigError(f"{key!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+    if kind is int and key in _POSITIVE and value <= 0:
+        raise ConfigError(f"{key!r} must be positive, got {value!r}")
+    return int(value) if kind is int else float(value) if kind is float else value
+
+
+def _get(hf: dict, key: str, kind, default=None):
+    """hf[key] checked against `kind`; `default` when the key is absent or null."""
+    value = hf.get(key)
+    return default if value is None else _check(key, value, kind)
 
 
 def as_dtype(name_or_dtype) -> jnp.dtype:
@@ -102,52 +131,67 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
-        """Build from a Hugging Face `config.json` dict (transformers 4.x or 5.x layout)."""
-        archs = hf.get("architectures") or []
+        """Build from a Hugging Face `config.json` dict (transformers 4.x or 5.x layout).
+
+        Messages name the key but not the file: the caller (`weights.hf_model_config`)
+        prefixes the path.
+        """
+        if not isinstance(hf, dict):
+            raise ConfigError(f"expected a JSON object, got {type(hf).__name__}")
+        archs = _get(hf, "architectures", list) or []
         family = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if family is None:
-            family = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(hf.get("model_type", ""))
+            family = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(_get(hf, "model_type", str) or "")
         if family is None:
             raise ConfigError(
-                f"unsupported architecture {archs or hf.get('model_type')!r} in config.json; "
-                f"supported: {sorted(HF_ARCHITECTURES)}"
+                f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(HF_ARCHITECTURES)}"
             )
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in hf:
-                raise ConfigError(f"config.json is missing required key {key!r}")
-        if hf.get("hidden_act", "silu") != "silu":
+            if hf.get(key) is None:
+                raise ConfigError(f"missing required key {key!r}")
+        if (_get(hf, "hidden_act", str) or "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
-        if hf.get("mlp_bias") or (family == "llama" and hf.get("attention_bias")):
+        if _get(hf, "mlp_bias", bool) or (family == "llama" and _get(hf, "attention_bias", bool)):
             raise ConfigError("attention_bias/mlp_bias on Llama are not supported")
-        if hf.get("use_sliding_window"):
+        if _get(hf, "use_sliding_window", bool):
             raise ConfigError("use_sliding_window=true is not supported")
         # transformers 5 nests RoPE settings in `rope_parameters`; 4.x uses rope_theta + rope_scaling.
-        rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        rope = dict(_get(hf, "rope_parameters", dict) or {})
+        theta = _get(rope, "rope_theta", float) or _get(hf, "rope_theta", float, 10000.0)
+        rope.pop("rope_theta", None)
+        scaling = _get(hf, "rope_scaling", dict) or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             scaling = dict(scaling)
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
             scaling.pop("rope_theta", None)
             if scaling["rope_type"] == "default":
                 scaling = None
-        heads = hf["num_attention_heads"]
+            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if scaling is not None and key in scaling:
+                    _check(f"rope_scaling.{key}", scaling[key], float)
+        heads = _get(hf, "num_attention_heads", int)
+        hidden = _get(hf, "hidden_size", int)
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(_check(f"eos_token_id[{i}]", e, int) for i, e in enumerate(eos))
+        else:
+            eos = _get(hf, "eos_token_id", int)
         kw = dict(
             family=family,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=_get(hf, "vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=_get(hf, "intermediate_size", int),
+            num_layers=_get(hf, "num_hidden_layers", int),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_kv_heads=_get(hf, "num_key_value_heads", int) or heads,
+            head_dim=_get(hf, "head_dim", int) or hidden // heads,
             rope_theta=float(theta),
             rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list) else hf.get("eos_token_id"),
+            rms_norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
+            tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, False),
+            max_position_embeddings=_get(hf, "max_position_embeddings", int, 4096),
+            bos_token_id=_get(hf, "bos_token_id", int),
+            eos_token_id=eos,
         )
         kw.update(overrides)
         return cls(**kw)

@@ -8,10 +8,12 @@ both read it, so they cannot drift apart.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
@@ -19,6 +21,9 @@ from safetensors.numpy import save_file
 
 from ophsd_jax.models import state as model_state
 from ophsd_jax.models.config import ModelConfig
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -100,7 +105,8 @@ def assemble(cfg: ModelConfig, tensors: Mapping[str, Callable[[], np.ndarray]], 
         expected.update({name: ours for name in hf_names(cfg, ours)})
     unknown = sorted(n for n in tensors if n not in expected and not IGNORED.match(n))
     if cfg.tie_word_embeddings:
-        unknown = [n for n in unknown if n != "lm_head.weight"]  # some tied checkpoints store it anyway
+        # some tied checkpoints store a copy of the embedding (load_hf unties a different one)
+        unknown = [n for n in unknown if n != "lm_head.weight"]
     if unknown:
         raise CheckpointError(f"{source}: unexpected tensor(s) for a {cfg.family} model: {unknown[:5]}")
     missing = sorted(n for n in expected if n not in tensors)
@@ -132,21 +138,39 @@ def read_hf_config(path: str) -> dict:
         raise CheckpointError(f"model folder {path!r} does not exist")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path!r} has no config.json")
+    return _read_json_object(cfg_path)
+
+
+def hf_model_config(path: str, **config_overrides) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder; errors name config.json and the key."""
+    hf = read_hf_config(path)  # its errors already name the file
     try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+        return ModelConfig.from_hf(hf, **config_overrides)
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+
+
+def _read_json_object(fpath: str) -> dict:
+    try:
+        with open(fpath, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise CheckpointError(f"{fpath}: invalid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{fpath}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def safetensors_index(path: str) -> dict[str, Callable[[], np.ndarray]]:
     """HF tensor name -> lazy loader, from model.safetensors or a sharded index."""
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = _read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index_path}: no 'weight_map'")
+            raise CheckpointError(f"{index_path}: no 'weight_map' object")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise CheckpointError(f"{index_path}: weight_map[{bad!r}] must be a file name, got {weight_map[bad]!r}")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -170,18 +194,40 @@ def safetensors_index(path: str) -> dict[str, Callable[[], np.ndarray]]:
 def _read_tensor(fpath: str, name: str) -> np.ndarray:
     try:
         with safe_open(fpath, framework="numpy") as f:
-            return f.get_tensor(name)
+            x = f.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{fpath}: cannot read tensor {name!r} ({e})") from e
+    # An integer tensor is a quantized or foreign checkpoint: casting it would load garbage.
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {x.dtype}; weights must be floating point "
+                              "(quantized checkpoints are not supported)")
+    return x
+
+
+def untie_if_stored_head_differs(cfg: ModelConfig, tensors: Mapping[str, Callable[[], np.ndarray]],
+                                 source: str) -> ModelConfig:
+    """`cfg` with an untied head when a tied config comes with its own, different lm_head.weight.
+
+    transformers (5.x) does the same: it ties only when the stored head equals the
+    embedding exactly, else it keeps both and warns. Equal tensors stay tied (the
+    stored copy is redundant).
+    """
+    if not cfg.tie_word_embeddings or "lm_head.weight" not in tensors or "model.embed_tokens.weight" not in tensors:
+        return cfg
+    head, embed = tensors["lm_head.weight"](), tensors["model.embed_tokens.weight"]()
+    if head.shape == embed.shape and np.array_equal(head, embed):
+        return cfg
+    log.warning("%s: config.json says tie_word_embeddings=true, but lm_head.weight differs from the embedding; "
+                "keeping the stored head untied, as transformers does", source)
+    return cfg.replace(tie_word_embeddings=False)
 
 
 def load_hf(path: str, mesh: Mesh, **config_overrides):
     """(cfg, graphdef, params) from a Hugging Face folder, placed on `mesh`."""
-    try:
-        cfg = ModelConfig.from_hf(read_hf_config(path), **config_overrides)
-    except ValueError as e:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
-    get_array = assemble(cfg, safetensors_index(path), source=path)
+    cfg = hf_model_config(path, **config_overrides)
+    tensors = safetensors_index(path)
+    cfg = untie_if_stored_head_differs(cfg, tensors, source=path)
+    get_array = assemble(cfg, tensors, source=path)
     graphdef, params = model_state.place_params(cfg, mesh, get_array)
     return cfg, graphdef, params
 
