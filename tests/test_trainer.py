@@ -247,11 +247,16 @@ def test_incompatible_checkpoint_is_one_line_and_touches_nothing(finished_run, t
     proc = cli("ophsd_jax.train", *train_args(workdir, "--config.train.steps=6", override), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: IncompatibleCheckpoint: checkpoint {workdir}/checkpoints/4 does not fit this config: "
-                      f"{expected} (resume with the config it was saved with, or use another work dir) "
-                      "(OPHSD_TRACEBACK=1 shows the traceback)"], proc.stderr[-3000:]
+    prefix = (f"error: IncompatibleCheckpoint: checkpoint {workdir}/checkpoints/4 does not fit this config: "
+              f"{expected} (resume with the config it was saved with, or use another work dir) "
+              f"(traceback in {workdir}/errors/")
+    assert len(errors) == 1 and errors[0].startswith(prefix) and errors[0].endswith(".txt)"), proc.stderr[-3000:]
     assert "is unreadable" not in proc.stderr  # not mistaken for a corrupt one
-    assert workdir_state(workdir) == before
+    # Nothing of the run is touched; the only addition is the error's traceback file.
+    after = workdir_state(workdir)
+    added = sorted(set(after) - set(before))
+    assert {k: after[k] for k in before} == before
+    assert added[0] == "errors" and len(added) == 2 and errors[0].endswith(f"{workdir}/{added[1]})")
 
 
 def test_resume_on_another_device_count(finished_run, tmp_path):
