@@ -3,6 +3,11 @@ re-attached (the paper's "reattach the harness" analysis). Used in the training 
 as a CLI on a work dir:
 
     python -m ophsd_jax.evaluate --workdir DIR [--step N] [--k 8] [--num_examples 64]
+    python -m ophsd_jax.evaluate --config configs/X.py --workdir DIR [--config.key=value ...]
+
+With `--config`, the run's settings come from the config file (with overrides) instead
+of `<workdir>/config.json`, and a work dir without checkpoints evaluates the config's
+initial weights (the base model, with and without its harness) as step 0.
 
 Writes `<workdir>/eval/step_<N>.jsonl` (one line per example: prompt, responses,
 extracted answers, rewards, harness response) and `step_<N>_summary.json`. An example
@@ -100,18 +105,25 @@ def main(argv):
     del argv
     from ophsd_jax import train
 
+    config = FLAGS.config if FLAGS["config"].present else None
     summary = train.run_cli(lambda: train.evaluate_workdir(FLAGS.workdir, step=FLAGS.step,
-                                                           num_examples=FLAGS.num_examples, k=FLAGS.k),
-                            FLAGS.workdir, command="evaluate")
+                                                           num_examples=FLAGS.num_examples, k=FLAGS.k, config=config),
+                            FLAGS.workdir, command="evaluate", create_workdir=config is not None)
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
     from absl import app, flags
+    from ml_collections import config_flags
 
+    from ophsd_jax.train import parse_flags
+
+    config_flags.DEFINE_config_file("config", None, "evaluate this config's model (a work dir without checkpoints: "
+                                    "its initial weights) instead of the work dir's config.json", lock_config=False,
+                                    accept_new_attributes=True)
     flags.DEFINE_string("workdir", None, "training work dir (holds config.json and checkpoints/)", required=True)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
     flags.DEFINE_integer("num_examples", None, "override config.eval.num_examples")
     flags.DEFINE_integer("k", None, "override config.eval.k")
     FLAGS = flags.FLAGS
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -57,7 +57,8 @@ class Run:
             raise StopRequested
 
     @classmethod
-    def create(cls, config, workdir: str, *, restore_step: int | None = None, for_eval: bool = False) -> "Run":
+    def create(cls, config, workdir: str, *, restore_step: int | None = None, for_eval: bool = False,
+               initial_ok: bool = False) -> "Run":
         self = cls()
         self.config, self.workdir = config, workdir
         c = config
@@ -89,7 +90,9 @@ class Run:
                                       async_save=c.train.async_checkpoints)
         found = self.ckpt.restore_latest(abstract_like(self.state), max_step=restore_step, model=self.model_identity)
         if found is None and for_eval:
-            raise FileNotFoundError(f"no readable checkpoint in {self.ckpt.directory}")
+            if not initial_ok:
+                raise FileNotFoundError(f"no readable checkpoint in {self.ckpt.directory}")
+            log.info("no checkpoint in %s: evaluating the config's initial weights as step 0", self.ckpt.directory)
         runtime.use_compilation_cache(c, workdir)
         self.data = runtime.load_data(c, workdir)
         self.harness = runtime.make_run_harness(c, self.data)

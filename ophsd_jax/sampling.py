@@ -19,6 +19,7 @@ docs/benchmarks.md). The default picks "unrolled" on CPU meshes.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -56,6 +57,10 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
 def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top_p: bool, top_k_cap: int = 0):
     """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries -> -inf.
 
+    `temperature`, `top_k` and `top_p` are scalars or per-row columns [B, 1]; a row with
+    top_k <= 0 or top_p >= 1 is not filtered that way (`use_top_k` / `use_top_p` say
+    whether any row is).
+
     top-k keeps the logits >= the k-th largest (ties at it included). top-p then keeps
     the smallest set of most likely tokens whose mass (renormalised after top-k) reaches
     top_p: a token stays if the mass of the tokens strictly more likely is < top_p, so
@@ -72,7 +77,7 @@ def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top
     keys = _order_key(pool)
     lo, hi = jnp.min(keys, axis=-1, keepdims=True), jnp.max(keys, axis=-1, keepdims=True)
     if use_top_k:
-        k = jnp.clip(top_k, 1, pool.shape[-1])
+        k = jnp.where(top_k > 0, jnp.clip(top_k, 1, pool.shape[-1]), pool.shape[-1])  # top_k <= 0: keep all
         # the k-th largest: the smallest t with fewer than k logits above it
         lo = _smallest_key(lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < k, lo, hi)
         logits = jnp.where(_order_key(logits) < lo, -jnp.inf, logits)
@@ -82,7 +87,7 @@ def filter_logits(logits, temperature, top_k, top_p, *, use_top_k: bool, use_top
         # the least likely kept token: the smallest t whose strictly-more-likely mass is < top_p
         threshold = _smallest_key(lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True) < top_p,
                                   lo, hi)
-        logits = jnp.where(_order_key(logits) < threshold, -jnp.inf, logits)
+        logits = jnp.where((_order_key(logits) < threshold) & (top_p < 1.0), -jnp.inf, logits)
     return logits
 
 
@@ -129,6 +134,33 @@ def sample_token(logits, key, temperature, top_k, top_p, *, greedy: bool, use_to
     filtered = filter_logits(logits, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p,
                              top_k_cap=top_k_cap)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+class RowSampling(NamedTuple):
+    """Per-row sampling settings of a generation call ([B] arrays; rows sharded like the batch).
+
+    Each row draws its noise from its own key folded with the index of the token it
+    generates, so a row's sample depends on its prompt's key, never on its row, its
+    neighbours or the batch size. temperature 0 = greedy for that row."""
+    keys: jax.Array  # [B, *key_shape] raw key data (jax.random.key_data)
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32, <= 0: off
+    top_p: jax.Array  # [B] float32, >= 1: off
+    limit: jax.Array  # [B] int32: the row's max_new_tokens
+
+
+def sample_rows(logits, rows: RowSampling, index, *, greedy: bool, use_top_k: bool, use_top_p: bool,
+                top_k_cap: int = 0):
+    """One token per row from logits [B, V]: `index` is the position of the token being
+    generated (its key is fold_in(row key, index)). `greedy`: every row is greedy."""
+    best = greedy_token(logits)
+    if greedy:
+        return best
+    filtered = filter_logits(logits, rows.temperature[:, None], rows.top_k[:, None], rows.top_p[:, None],
+                             use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=top_k_cap)
+    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), index))(rows.keys)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(rows.temperature == 0.0, best, drawn)
 
 
 class DecodeState(NamedTuple):
@@ -183,10 +215,16 @@ class Sampler:
 
     # ---- public ---------------------------------------------------------------------
 
-    def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, rng: jax.Array,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 stop_tokens: Sequence[int] = ()) -> SampleOutput:
+    def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                 rng: jax.Array, temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
+                 top_p: float | Sequence[float] = 1.0, stop_tokens: Sequence[int] = ()) -> SampleOutput:
         """Sample a continuation of every prompt.
+
+        `max_new_tokens`, `temperature`, `top_k` and `top_p` are one value for every row or
+        one per prompt (so calls with different settings can share one generation). `rng`
+        is one key, from which prompt i draws with fold_in(rng, i) (i counted over every
+        process's prompts, in process order), or one key per prompt. A prompt's sample
+        depends only on its key and settings, not on the other prompts of the call.
 
         Multi-process (`self.share` count > 1): a collective call. Each process passes only
         its own prompts (any number, also none) and gets back only their outputs; every
@@ -194,40 +232,65 @@ class Sampler:
         """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
+        n = len(prompts)
+        per_row = lambda v, dtype: np.broadcast_to(np.asarray(v, dtype), (n,)).copy()  # noqa: E731
+        limits = per_row(max_new_tokens, np.int32)
+        temps, top_ks, top_ps = per_row(temperature, np.float32), per_row(top_k, np.int32), per_row(top_p, np.float32)
+        if n and limits.min() < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {int(limits.min())}")
         count = self.share[1]
-        n_new = bucket(max_new_tokens, self.new_token_buckets, "max_new_tokens")
-        rows = self.max_batch // count  # this process's rows per chunk
-        longest = max((len(p) for p in prompts), default=1)
-        if count > 1:  # shapes must agree on every process: one small allgather
-            most, longest, n_new = parallel.agree_max([len(prompts), longest, n_new])
-        else:
-            most = len(prompts)
+        sampled = temps > 0
+        # Statics of the program: every process must agree on them (one small allgather).
+        flags = [n, max((len(p) for p in prompts), default=1), int(limits.max(initial=1)), int(sampled.any()),
+                 int((sampled & (top_ks > 0)).any()), int((sampled & (top_ps < 1)).any()),
+                 int((sampled & (top_ks <= 0)).any()), int(top_ks.max(initial=0))]
+        most, longest, most_new, any_sampled, any_top_k, any_top_p, uncapped, largest_k = (
+            parallel.agree_max(flags) if count > 1 else flags)
         if most == 0:  # no process has a prompt: nothing to run (all agree on that)
             return SampleOutput([], np.zeros((0,), np.int32), [])
-        tokens, lengths, logprobs = [None] * len(prompts), np.zeros(len(prompts), np.int32), [None] * len(prompts)
+        n_new = bucket(most_new, self.new_token_buckets, "max_new_tokens")
+        statics = dict(n_new_bucket=n_new, greedy=not any_sampled, use_top_k=bool(any_top_k),
+                       use_top_p=bool(any_top_p),
+                       top_k_cap=0 if (not any_top_k or uncapped) else top_k_cap(largest_k, self.cfg.vocab_size))
+        keys = self._row_keys(rng, n, self.share[0] * most if count > 1 else 0)
+        rows = self.max_batch // count  # this process's rows per chunk
+        tokens, lengths, logprobs = [None] * n, np.zeros(n, np.int32), [None] * n
         stop = np.full((max(8, len(stop_tokens)),), -1, np.int32)  # fixed size: no recompile per stop set (up to 8)
         stop[: len(stop_tokens)] = list(stop_tokens)
         n_chunks = -(-most // rows)
         progress = _progress(most * count, self.show_progress and n_chunks > 1)
         t0 = time.perf_counter()
         for c in range(n_chunks):
-            idx = range(c * rows, min((c + 1) * rows, len(prompts)))  # may be empty on some processes
+            idx = list(range(c * rows, min((c + 1) * rows, n)))  # may be empty on some processes
+            sampling = RowSampling(keys[idx], temps[idx], top_ks[idx], top_ps[idx], limits[idx])
             out_tok, out_lp, out_len = self._run_chunk(
                 params, [prompts[i] for i in idx], min(rows, most - c * rows), longest if count > 1 else None,
-                n_new, max_new_tokens, jax.random.fold_in(rng, c), temperature, top_k, top_p, stop)
+                sampling, stop, statics)
             for row, i in enumerate(idx):
-                n = int(out_len[row])
-                tokens[i], logprobs[i], lengths[i] = out_tok[row, :n].tolist(), out_lp[row, :n], n
+                k = int(out_len[row])
+                tokens[i], logprobs[i], lengths[i] = out_tok[row, :k].tolist(), out_lp[row, :k], k
             progress.update(min(rows, most - c * rows) * count)
         progress.close()
         dt = time.perf_counter() - t0
-        log.debug("generated %d tokens for %d prompts in %.2fs", lengths.sum(), len(prompts), dt)
+        log.debug("generated %d tokens for %d prompts in %.2fs", lengths.sum(), n, dt)
         return SampleOutput(tokens, lengths, logprobs)
 
     # ---- internals --------------------------------------------------------------------
 
-    def _run_chunk(self, params, prompts, n_rows, longest, n_new, max_new_tokens, rng, temperature, top_k, top_p,
-                   stop):
+    @staticmethod
+    def _row_keys(rng, n: int, offset: int) -> np.ndarray:
+        """Raw key data [n, ...] of each prompt's key: `rng` itself when it holds n keys,
+        else fold_in(rng, offset + i)."""
+        if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.wrap_key_data(rng)
+        if rng.ndim == 1:
+            if rng.shape[0] != n:
+                raise ValueError(f"rng holds {rng.shape[0]} keys for {n} prompts")
+            return np.asarray(jax.random.key_data(rng))
+        index = jnp.arange(offset, offset + n, dtype=jnp.uint32)
+        return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(rng, index)))
+
+    def _run_chunk(self, params, prompts, n_rows, longest, sampling: RowSampling, stop, statics):
         """One jitted call on `prompts` (this process's rows; `n_rows` is the most rows any
         process has in this chunk, `longest` the agreed longest prompt or None = these prompts')."""
         n = len(prompts)
@@ -243,35 +306,40 @@ class Sampler:
             toks[r, P - len(p):] = p
             mask[r, P - len(p):] = 1
         mask[n:, -1] = 1  # dummy rows see one (pad) token so their softmax is well defined
+
+        def pad(x, fill):  # dummy rows: greedy, one token
+            return np.concatenate([x, np.full((B - n, *x.shape[1:]), fill, x.dtype)]) if B > n else x
+
+        sampling = RowSampling(pad(sampling.keys, 0), pad(sampling.temperature, 0), pad(sampling.top_k, 0),
+                               pad(sampling.top_p, 1), pad(sampling.limit, 1))
         sh = parallel.named_sharding(self.mesh, ("batch", "seq"), (B * count, P))
-        greedy = float(temperature) == 0.0
+        row_sh = lambda x: parallel.named_sharding(self.mesh, ("batch",) + (None,) * (x.ndim - 1),  # noqa: E731
+                                                   (B * count, *x.shape[1:]))
         # Each process supplies its own rows (with one share: host values every process holds).
-        sampling = (rng, np.float32(temperature), np.int32(top_k), np.float32(top_p), stop,
-                    np.int32(max_new_tokens), np.int32(self.decode_segment))
-        statics = dict(n_new_bucket=n_new, greedy=greedy, use_top_k=(not greedy) and top_k > 0,
-                       use_top_p=(not greedy) and top_p < 1.0,
-                       top_k_cap=0 if greedy else top_k_cap(top_k, self.cfg.vocab_size))
+        sampling = RowSampling(*(parallel.from_process_rows(x, row_sh(x), self.share) for x in sampling))
+        args = (sampling, stop, np.int32(self.decode_segment))
         self._poll()
-        # Each process supplies its own rows (with one share: host values every process holds).
         state, finished = self._start(params, parallel.from_process_rows(toks, sh, self.share),
-                                      parallel.from_process_rows(mask, sh, self.share), *sampling, **statics)
+                                      parallel.from_process_rows(mask, sh, self.share), *args, **statics)
         # `finished` is replicated, so every process runs the same number of segments.
         while not parallel.to_host(finished):
             self._poll()
-            state, finished = self._resume(params, state, *sampling, **statics)
-        out_tok, out_lp = (parallel.process_rows(x, self.share) for x in (state.out_tok, state.out_lp))
+            state, finished = self._resume(params, state, *args, **statics)
+        out_tok, out_lp, limit = (parallel.process_rows(x, self.share) for x in (state.out_tok, state.out_lp,
+                                                                                  sampling.limit))
         steps = int(parallel.to_host(state.step))
-        # length: up to and including the first stop token, else all generated steps
-        is_stop = np.isin(out_tok, stop) & (np.arange(n_new) < steps)
-        out_len = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, min(steps, max_new_tokens))
+        n_new = out_tok.shape[1]
+        # length: up to and including the first stop token, else the row's generated steps
+        is_stop = np.isin(out_tok, stop) & (np.arange(n_new) < np.minimum(steps, limit)[:, None])
+        out_len = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, np.minimum(steps, limit))
         return out_tok[:n], out_lp[:n], out_len[:n].astype(np.int32)
 
     def _poll(self):
         if self.poll is not None:
             self.poll()
 
-    def _start_chunk(self, params, prompt, prompt_mask, rng, temperature, top_k, top_p, stop, max_new, segment,
-                     *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
+    def _start_chunk(self, params, prompt, prompt_mask, rows: RowSampling, stop, segment, *, n_new_bucket: int,
+                     greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
         """Prefill, first token, then decode up to `segment` tokens: (DecodeState, finished)."""
         self.trace_count += 1
         B, P = prompt.shape
@@ -283,35 +351,32 @@ class Sampler:
             positions = model_state.positions_from_mask(prompt_mask)
             hidden, cache = forward(prompt, positions, kv_mask, cache, 0)
             logits = logits_fn(hidden[:, -1])
-            sample = self._sampler(temperature, top_k, top_p, greedy, use_top_k, use_top_p, top_k_cap)
-            first = sample(logits, jax.random.fold_in(rng, 0))
+            sample = functools.partial(sample_rows, rows=rows, greedy=greedy, use_top_k=use_top_k,
+                                       use_top_p=use_top_p, top_k_cap=top_k_cap)
+            first = sample(logits, index=0)
             out_tok = jnp.zeros((B, n_new_bucket), jnp.int32).at[:, 0].set(first)
             out_lp = jnp.zeros((B, n_new_bucket), jnp.float32).at[:, 0].set(_token_logprob(logits, first))
-            state = DecodeState(jnp.int32(1), cache, kv_mask, out_tok, out_lp, jnp.isin(first, stop),
-                                positions[:, -1] + 1)
-            return self._decode(forward, logits_fn, state, P, rng, stop, max_new, segment, sample)
+            state = DecodeState(jnp.int32(1), cache, kv_mask, out_tok, out_lp,
+                                jnp.isin(first, stop) | (rows.limit <= 1), positions[:, -1] + 1)
+            return self._decode(forward, logits_fn, state, P, rows, stop, segment, sample)
 
-    def _resume_chunk(self, params, state, rng, temperature, top_k, top_p, stop, max_new, segment,
-                      *, n_new_bucket: int, greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
+    def _resume_chunk(self, params, state, rows: RowSampling, stop, segment, *, n_new_bucket: int, greedy: bool,
+                      use_top_k: bool, use_top_p: bool, top_k_cap: int):
         """Up to `segment` more decode steps on `state` (donated): (DecodeState, finished)."""
         self.trace_count += 1
         with parallel.activation_mesh(self.mesh):
             model = nnx.merge(self.graphdef, params)
             forward, logits_fn, _ = self._layer_loop(model)
             P = state.kv_mask.shape[1] - n_new_bucket
-            return self._decode(forward, logits_fn, state, P, rng, stop, max_new, segment,
-                                self._sampler(temperature, top_k, top_p, greedy, use_top_k, use_top_p, top_k_cap))
+            sample = functools.partial(sample_rows, rows=rows, greedy=greedy, use_top_k=use_top_k,
+                                       use_top_p=use_top_p, top_k_cap=top_k_cap)
+            return self._decode(forward, logits_fn, state, P, rows, stop, segment, sample)
 
-    @staticmethod
-    def _sampler(temperature, top_k, top_p, greedy, use_top_k, use_top_p, top_k_cap):
-        return lambda logits, key: sample_token(logits, key, temperature, top_k, top_p, greedy=greedy,
-                                                use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=top_k_cap)
-
-    def _decode(self, forward, logits_fn, state: DecodeState, P: int, rng, stop, max_new, segment, sample):
-        """Decode steps until `max_new` tokens, every row done, or `segment` more steps
-        (prompt bucket `P`): (state, finished)."""
+    def _decode(self, forward, logits_fn, state: DecodeState, P: int, rows: RowSampling, stop, segment, sample):
+        """Decode steps until every row is done (a stop token or its own limit) or `segment`
+        more steps (prompt bucket `P`): (state, finished)."""
         B = state.out_tok.shape[0]
-        end = jnp.minimum(max_new, state.step + segment)
+        end = jnp.minimum(jnp.max(rows.limit), state.step + segment)
 
         def cond(carry):
             step, _, _, _, _, done, _ = carry
@@ -324,19 +389,19 @@ class Sampler:
             prev = jax.lax.dynamic_slice(out_tok, (0, step - 1), (B, 1))
             hidden, cache = forward(prev, pos[:, None], kv_mask, cache, slot)
             logits = logits_fn(hidden[:, 0])
-            tok = sample(logits, jax.random.fold_in(rng, step))
+            tok = sample(logits, index=step)
             tok = jnp.where(done, self.pad_id, tok)
             lp = jnp.where(done, 0.0, _token_logprob(logits, tok))
             out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
             out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
-            done = done | jnp.isin(tok, stop)
+            done = done | jnp.isin(tok, stop) | (step + 1 >= rows.limit)
             return step + 1, cache, kv_mask, out_tok, out_lp, done, pos + 1
 
         carry = (state.step, state.cache, state.kv_mask, state.out_tok, state.out_lp, state.done, state.pos)
         step, cache, kv_mask, out_tok, out_lp, done, pos = jax.lax.while_loop(cond, body, carry)
-        rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
-        state = DecodeState(step, cache, rows(kv_mask), rows(out_tok), rows(out_lp), rows(done), rows(pos))
-        return state, (step >= max_new) | jnp.all(done)
+        rows_c = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+        state = DecodeState(step, cache, rows_c(kv_mask), rows_c(out_tok), rows_c(out_lp), rows_c(done), rows_c(pos))
+        return state, (step >= jnp.max(rows.limit)) | jnp.all(done)
 
     def _empty_cache(self, batch: int, slots: int, per_layer: bool) -> KVCache:
         cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype, per_layer=per_layer)
@@ -379,33 +444,65 @@ class ChatOutput(NamedTuple):
     skipped: list[bool]  # the prompt is longer than the sampler's largest prompt bucket: nothing generated
 
 
+class ChatRequest(NamedTuple):
+    """One batched chat call: its conversations, sampling settings and key (conversation i
+    samples with fold_in(rng, i), i counted over every process's conversations)."""
+    conversations: Sequence[list[dict]]
+    max_new_tokens: int
+    rng: jax.Array
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def generate_chats(sampler: Sampler, tokenizer, params, requests: Sequence[ChatRequest], *,
+                   template_kwargs: dict | None = None) -> list[ChatOutput]:
+    """Independent chat calls as one generation (one sampler call): each request keeps its
+    own sampling settings, length limit and keys, so its outputs are those it would get
+    alone. The rollout and a harness's first call go through here together.
+
+    Applies the chat template, generates, decodes. A prompt longer than the sampler's
+    largest prompt bucket is skipped (`skipped`, text None) instead of ending the run; the
+    callers count the skips. The sampler is called exactly once, also when nothing fits:
+    with several processes the call is collective, so each process makes it whatever its
+    own prompts are."""
+    rendered = [[tokenizer.apply_chat_template(m, add_generation_prompt=True, **(template_kwargs or {}))
+                 for m in r.conversations] for r in requests]
+    limit = sampler.prompt_buckets[-1]
+    sizes = [len(r.conversations) for r in requests]
+    share, count = sampler.share
+    most = parallel.agree_max(sizes) if count > 1 and requests else sizes  # per request, for global key indices
+    rows = []  # (request, index) of every prompt that fits
+    for j, prompts in enumerate(rendered):
+        fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
+        if len(fits) < len(prompts):
+            log.warning("skipping %d of %d prompts longer than the largest sampler.prompt_buckets entry (%d "
+                        "tokens; longest %d)", len(prompts) - len(fits), len(prompts), limit, max(map(len, prompts)))
+        rows += [(j, i) for i in fits]
+    keys = [jax.random.fold_in(requests[j].rng, share * most[j] + i if count > 1 else i) for j, i in rows]
+    field = lambda name: [getattr(requests[j], name) for j, _ in rows]  # noqa: E731
+    stop = tokenizer.stop_token_ids
+    out = sampler.generate(params, [rendered[j][i] for j, i in rows], max_new_tokens=field("max_new_tokens"),
+                           rng=jnp.stack(keys) if keys else jax.random.split(jax.random.key(0), 0),
+                           temperature=field("temperature"), top_k=field("top_k"), top_p=field("top_p"),
+                           stop_tokens=stop)
+    stop_set = set(stop)
+    outputs = [ChatOutput([None] * n, rendered[j], [[] for _ in range(n)], [np.zeros((0,), np.float32)] * n,
+                          [True] * n) for j, n in enumerate(sizes)]
+    for k, (j, i) in enumerate(rows):
+        o = outputs[j]
+        o.tokens[i], o.logprobs[i], o.skipped[i] = out.tokens[k], out.logprobs[k], False
+        o.texts[i] = tokenizer.decode([t for t in out.tokens[k] if t not in stop_set])
+    return outputs
+
+
 def generate_chat_tokens(sampler: Sampler, tokenizer, params, conversations: Sequence[list[dict]], *,
                          max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, template_kwargs: dict | None = None) -> ChatOutput:
-    """Apply the chat template, generate, decode. The single entry point for rollouts and harnesses.
-
-    A prompt longer than the sampler's largest prompt bucket is skipped (`skipped`, text
-    None) instead of ending the run; the callers count the skips. The sampler is still
-    called exactly once, also when nothing fits: with several processes the call is
-    collective, so each process makes it whatever its own prompts are."""
-    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, **(template_kwargs or {}))
-               for m in conversations]
-    limit = sampler.prompt_buckets[-1]
-    fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
-    if len(fits) < len(prompts):
-        log.warning("skipping %d of %d prompts longer than the largest sampler.prompt_buckets entry (%d tokens; "
-                    "longest %d)", len(prompts) - len(fits), len(prompts), limit, max(len(p) for p in prompts))
-    stop = tokenizer.stop_token_ids
-    out = sampler.generate(params, [prompts[i] for i in fits], max_new_tokens=max_new_tokens, rng=rng,
-                           temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop)
-    stop_set = set(stop)
-    texts, tokens = [None] * len(prompts), [[] for _ in prompts]
-    logprobs = [np.zeros((0,), np.float32) for _ in prompts]
-    for j, i in enumerate(fits):
-        tokens[i], logprobs[i] = out.tokens[j], out.logprobs[j]
-        texts[i] = tokenizer.decode([t for t in tokens[i] if t not in stop_set])
-    skipped = [t is None for t in texts]
-    return ChatOutput(texts, prompts, tokens, logprobs, skipped)
+    """One chat call (`generate_chats` with one request): the single entry point for
+    evaluation and harness calls."""
+    request = ChatRequest(conversations, max_new_tokens, rng, temperature, top_p, top_k)
+    return generate_chats(sampler, tokenizer, params, [request], template_kwargs=template_kwargs)[0]
 
 
 def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
@@ -413,7 +510,7 @@ def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, d
     """A `generate_chat(conversations, **sampling) -> ChatOutput` callable bound to `params`
     (the harness protocol, harnesses/base.py: `.texts`, and `.prompt_tokens`, the ids each
     reply was sampled after, which the teacher context is then scored in).
-    A text is None where the prompt did not fit the sampler (see `generate_chat_tokens`).
+    A text is None where the prompt did not fit the sampler (see `generate_chats`).
 
     Each call draws a fresh key (fold_in of a call counter). If `record` is a list, each
     call appends its ChatOutput (for logging token counts).

@@ -90,13 +90,22 @@ def _train_loop(run: Run, c, task, tok, bar) -> None:
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, num_examples: int | None = None,
-                     k: int | None = None) -> dict:
-    config = runtime.load_config(workdir)
+                     k: int | None = None, config=None) -> dict:
+    """Evaluate a work dir's checkpoint (`step`, default the newest). With `config` (a
+    config file's contents instead of the work dir's config.json), a work dir without a
+    checkpoint evaluates the config's initial weights (the base model) as step 0."""
+    initial_ok = config is not None
+    if config is None:
+        config = runtime.load_config(workdir)
+    else:
+        from ophsd_jax.config import validate
+
+        validate(config)
     if num_examples is not None:
         config.eval.num_examples = num_examples
     if k is not None:
         config.eval.k = k
-    run = Run.create(config, workdir, restore_step=step, for_eval=True)
+    run = Run.create(config, workdir, restore_step=step, for_eval=True, initial_ok=initial_ok)
     return run.evaluate(run.step)
 
 

@@ -26,6 +26,8 @@ class ByteTokenizer:
 
 
 class ScriptedSampler:
+    share = (0, 1)  # one process
+
     def __init__(self, answer, prompt_buckets=(1 << 20,)):
         self.answer = answer if callable(answer) else (lambda prompt: answer)
         self.prompt_buckets = tuple(prompt_buckets)
@@ -36,6 +38,7 @@ class ScriptedSampler:
         for p in prompts:
             bucket(len(p), self.prompt_buckets, "prompt length")  # the real sampler's check
         tok = ByteTokenizer()
-        tokens = [tok.encode(self.answer(tok.decode(p)))[:max_new_tokens] for p in prompts]
+        limits = np.broadcast_to(np.asarray(max_new_tokens), (len(prompts),))  # one or one per prompt
+        tokens = [tok.encode(self.answer(tok.decode(p)))[:n] for p, n in zip(prompts, limits)]
         return SampleOutput(tokens, np.array([len(t) for t in tokens], np.int32),
                             [np.zeros(len(t), np.float32) for t in tokens])

@@ -160,5 +160,8 @@ def test_auto_picks_by_backend():
     assert attn.resolve("auto", "gpu", 12288) == "pallas_gpu"
     assert attn.resolve("auto", "cpu", 1024) == "dense"
     assert attn.resolve("auto", "cpu", 12288) == "blockwise"
+    # a batch-32 prefill of 4k tokens (9 heads): the dense scores would need ~19 GiB
+    assert attn.resolve("auto", "cpu", 4096, score_bytes=4 * 32 * 9 * 4096 * 4096) == "blockwise"
+    assert attn.resolve("auto", "cpu", 1024, score_bytes=4 * 4 * 9 * 1024 * 1024) == "dense"
     with pytest.raises(ValueError, match="attention implementation"):
         attn.resolve("flash", "cpu", 8)

@@ -305,3 +305,58 @@ def test_decode_segments_match_one_program_and_can_be_abandoned(model, layer_loo
         segmented.generate(params, PROMPTS, **kw)
     segmented.poll = None  # the sampler is fine after an abandoned call
     assert segmented.generate(params, PROMPTS, **kw).tokens == whole.tokens
+
+
+def test_per_row_settings_match_separate_calls(model):
+    """One call with per-row limits, temperatures, top-k/top-p and keys gives each row what
+    a call of that row alone gives (its sample depends on its key, not on its row or its
+    neighbours): what lets the rollout and a harness call share one generation."""
+    _, cfg, graphdef, params = model
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                      prompt_buckets=(16,), new_token_buckets=(16,))
+    keys = jax.random.split(jax.random.key(7), 4)
+    rows = [(PROMPTS[0], 9, 1.0, 0, 1.0), (PROMPTS[1], 4, 0.0, 0, 1.0), (PROMPTS[2], 12, 0.7, 5, 0.9),
+            (PROMPTS[0], 6, 1.3, 0, 0.8)]
+    joint = sampler.generate(params, [r[0] for r in rows], max_new_tokens=[r[1] for r in rows], rng=keys,
+                             temperature=[r[2] for r in rows], top_k=[r[3] for r in rows],
+                             top_p=[r[4] for r in rows])
+    for i, (prompt, new, temp, top_k, top_p) in enumerate(rows):
+        alone = sampler.generate(params, [prompt], max_new_tokens=new, rng=keys[i:i + 1], temperature=temp,
+                                 top_k=top_k, top_p=top_p)
+        assert joint.tokens[i] == alone.tokens[0], i
+        assert joint.lengths[i] == alone.lengths[0] <= new
+        np.testing.assert_allclose(joint.logprobs[i], alone.logprobs[0], rtol=0,
+                                   atol=logprob_atol(cfg, graphdef, params, 16))
+    assert joint.lengths[1] == 4 and joint.lengths[0] == 9  # no stop tokens: each row runs to its own limit
+    # One key: prompt i samples with fold_in(key, i), whatever the chunking.
+    key = jax.random.key(11)
+    whole = sampler.generate(params, PROMPTS, max_new_tokens=8, rng=key, temperature=1.0)
+    small = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=1, show_progress=False,
+                    prompt_buckets=(16,), new_token_buckets=(16,))
+    assert small.generate(params, PROMPTS, max_new_tokens=8, rng=key, temperature=1.0).tokens == whole.tokens
+    assert whole.tokens[2] == sampler.generate(params, [PROMPTS[2]], max_new_tokens=8,
+                                               rng=jax.random.fold_in(key, 2)[None], temperature=1.0).tokens[0]
+
+
+def test_generate_chats_equals_separate_chat_calls(model):
+    """Two requests in one generation (e.g. rollout + a harness's first call) give each
+    request's conversations what a call of that request alone gives."""
+    from fake_model import ByteTokenizer
+    from ophsd_jax.sampling import ChatRequest, generate_chat_tokens, generate_chats
+
+    _, cfg, graphdef, params = model
+    tok = ByteTokenizer()
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=8, show_progress=False,
+                      prompt_buckets=(32, 64), new_token_buckets=(8, 16))
+    a = ChatRequest([[{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "hi there"}]], 12,
+                    jax.random.key(1), 1.0, 1.0, 0)
+    b = ChatRequest([[{"role": "user", "content": "plan it"}], [{"role": "user", "content": "x" * 80}]], 5,
+                    jax.random.key(2), 0.6, 0.95, 20)  # the second prompt is too long: skipped
+    joint = generate_chats(sampler, tok, params, [a, b])
+    for request, out in zip((a, b), joint):
+        alone = generate_chat_tokens(sampler, tok, params, request.conversations,
+                                     max_new_tokens=request.max_new_tokens, rng=request.rng,
+                                     temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
+        assert out.tokens == alone.tokens and out.texts == alone.texts and out.skipped == alone.skipped
+        assert all(len(t) <= request.max_new_tokens for t in out.tokens)
+    assert joint[1].skipped == [False, True] and joint[1].texts[1] is None

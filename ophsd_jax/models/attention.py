@@ -14,7 +14,9 @@ padding queries produce finite values that nobody reads. Implementations (`impl`
 - "pallas_gpu": the Pallas Triton flash attention on GPU (kv heads repeated to the
   query heads; padding as segment ids).
 - "auto": splash on TPU, pallas_gpu on GPU, dense on CPU up to `DENSE_MAX_LEN` tokens
-  and blockwise beyond.
+  while its fp32 scores ([B,H,T,T], which XLA may keep alive across blocks) stay under
+  `DENSE_MAX_BYTES`, and blockwise beyond: a batch-32 prefill of 4k-token prompts would
+  otherwise need ~19 GiB for SmolLM2's 9 heads.
 
 Kernels run per device under `shard_map` over the active mesh (batch over data x fsdp,
 heads over tensor), since XLA cannot partition a Pallas call by itself.
@@ -30,13 +32,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "dense", "blockwise", "splash", "pallas_gpu")
-DENSE_MAX_LEN = 4096  # "auto" on CPU: dense query blocks up to this length
+DENSE_MAX_LEN = 4096  # "auto" on CPU: dense query blocks up to this length ...
+DENSE_MAX_BYTES = 1 << 30  # ... and this many bytes of fp32 scores [B, H, T, T]
 CAUSAL_BLOCK = 128  # query rows per block in "dense"
 BLOCK = 512  # query and key rows per block in "blockwise" and the kernels
 _MASKED = -1e30  # a finite fill keeps fully masked (padding) rows NaN-free
 
 
-def resolve(impl: str, platform: str, length: int) -> str:
+def resolve(impl: str, platform: str, length: int, score_bytes: int = 0) -> str:
     if impl not in IMPLS:
         raise ValueError(f"attention implementation must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
@@ -45,7 +48,7 @@ def resolve(impl: str, platform: str, length: int) -> str:
         return "splash"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
-    return "dense" if length <= DENSE_MAX_LEN else "blockwise"
+    return "dense" if length <= DENSE_MAX_LEN and score_bytes <= DENSE_MAX_BYTES else "blockwise"
 
 
 def attention(q, k, v, valid, *, impl: str = "auto"):
@@ -54,8 +57,8 @@ def attention(q, k, v, valid, *, impl: str = "auto"):
 
     mesh = parallel.active_mesh()
     platform = (mesh.devices.flat[0].platform if mesh is not None else jax.devices()[0].platform)
-    impl = resolve(impl, platform, q.shape[1])
-    T = q.shape[1]
+    B, T, H = q.shape[:3]
+    impl = resolve(impl, platform, T, score_bytes=4 * B * H * T * T)
     if impl == "dense":
         mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid.astype(bool)[:, None, :]
         return dense_causal(q, k, v, mask)
