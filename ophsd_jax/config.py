@@ -149,6 +149,7 @@ def base_config() -> mlc.ConfigDict:
     c.eval.top_k = 20
     c.eval.max_new_tokens = 256
     c.eval.harness = True  # also measure accuracy with the harness re-attached
+    c.eval.batch_size = 0  # rows per generation call at evaluation (0 = sampler.max_batch)
     return c
 
 
@@ -170,7 +171,7 @@ _CHOICES = {
 _POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints",
              "rollout.max_new_tokens", "eval.k", "eval.max_new_tokens", "sampler.max_batch", "sampler.decode_segment",
              "distill.tile")
-_NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
+_NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "eval.batch_size", "optim.grad_clip", "optim.warmup_steps",
                  "distill.clip", "distill.reward_weight_beta", "distill.max_response_tokens", "eval.num_examples",
                  "rollout.temperature", "eval.temperature")
 

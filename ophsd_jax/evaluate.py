@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -46,6 +47,7 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
     records in order`; the summary then covers every process's examples.
     """
     k = eval_cfg.k
+    t0 = time.perf_counter()
     convs = [task.student_messages(e) for e in examples]
     out = generate_chat_tokens(sampler, tokenizer, params, [m for m in convs for _ in range(k)],
                                max_new_tokens=eval_cfg.max_new_tokens, rng=jax.random.fold_in(rng, 0),
@@ -63,8 +65,9 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
         if not rows:  # longer than the sampler's largest prompt bucket: counted, not scored
             records[-1]["unscored"] = "prompt_too_long"
     if harness is not None:
+        harness_calls = []
         gen = make_generate_chat(sampler, tokenizer, params, jax.random.fold_in(rng, 1),
-                                 template_kwargs=template_kwargs)
+                                 template_kwargs=template_kwargs, record=harness_calls)
         results = harness.run(list(examples), gen)
         bank = getattr(harness, "bank", None)  # retrieval harnesses: the bank it retrieved from
         for rec, res, e in zip(records, results, examples):
@@ -73,13 +76,18 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
             rec["harness_reward"] = float(task.reward(res.final_response, e)) if res.final_response else None
             if bank is not None:
                 rec["harness_bank_size"] = len(bank)
+    # generated tokens per second of this process's generation (student + harness calls)
+    generated = sum(map(len, out.tokens)) + (sum(len(t) for c in harness_calls for t in c.tokens)
+                                             if harness is not None else 0)
+    seconds = time.perf_counter() - t0
     if gather is not None:
         records = gather(records)
     summary = {f"eval/avg@{k}": _mean([r for rec in records for r in rec["rewards"]]),
                f"eval/pass@{k}": _mean([max(rec["rewards"]) for rec in records if rec["rewards"]]),
                "eval/response_tokens": _mean([n for rec in records for n in rec["response_tokens"]]),
                "eval/examples": len(records),
-               "eval/unscored": sum("unscored" in rec for rec in records)}
+               "eval/unscored": sum("unscored" in rec for rec in records),
+               "eval/seconds": seconds, "eval/tokens_per_s": generated / max(seconds, 1e-9)}
     if harness is not None:  # accuracy over the examples the harness could answer; the others counted
         summary["eval/harness_acc"] = _mean([rec["harness_reward"] for rec in records])
         summary["eval/harness_unscored"] = sum(rec["harness_mode"].startswith(SKIPPED) for rec in records)

@@ -288,7 +288,7 @@ class Run:
             if self._eval_harness is None:
                 self._eval_harness = runtime.make_eval_harness(c, self.data, self.harness)
             harness = self._eval_harness
-        summary, records = evaluate(sampler=self.sampler, tokenizer=self.tokenizer, params=self.sample_params(),
+        summary, records = evaluate(sampler=self._eval_sampler(), tokenizer=self.tokenizer, params=self.sample_params(),
                                     task=self.data.task, harness=harness,
                                     examples=[ev[i] for i in range(part.start, part.stop)], eval_cfg=c.eval,
                                     rng=jax.random.fold_in(jax.random.key(c.seed + 1), step),
@@ -300,6 +300,17 @@ class Run:
         if hasattr(self, "evals"):
             self.evals[step] = summary
         return summary
+
+    def _eval_sampler(self):
+        """The sampler for evaluation: its own batch size (`eval.batch_size`), else the run's."""
+        rows = self.config.eval.get("batch_size", 0)  # (absent in the config.json of older runs)
+        if not rows or rows == self.config.sampler.max_batch:
+            return self.sampler
+        if getattr(self, "_eval_sampler_obj", None) is None:
+            self._eval_sampler_obj = runtime.make_sampler(self.config, self.model_cfg, self.graphdef, self.mesh,
+                                                          self.tokenizer, max_batch=rows)
+            self._eval_sampler_obj.poll = self.sampler.poll
+        return self._eval_sampler_obj
 
     def finish(self) -> dict:
         self.ckpt.wait()
@@ -351,7 +362,7 @@ def _pad_lengths(batch: PairBatch, student: int, teacher: int, response: int, pa
 
 def _summary_table(evals: dict[int, dict], timing: dict) -> str:
     keys = sorted({k for v in evals.values() for k in v if k.startswith("eval/")
-                   and not any(w in k for w in ("tokens", "examples", "bank_size", "unscored"))})
+                   and not any(w in k for w in ("tokens", "examples", "bank_size", "unscored", "seconds"))})
     lines = ["", "step  " + "  ".join(f"{k[5:]:>12}" for k in keys)]
     for step in sorted(evals):
         lines.append(f"{step:>4}  " + "  ".join(f"{evals[step].get(k, float('nan')):>12.3f}" for k in keys))

@@ -52,10 +52,11 @@ def load_model(c: mlc.ConfigDict, mesh):
     return cfg, graphdef, params, tok
 
 
-def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok) -> Sampler:
+def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok, max_batch: int | None = None) -> Sampler:
     # The config.json of a run from before sampler.decode_segment existed: the Sampler's default.
     segment = {"decode_segment": c.sampler.decode_segment} if "decode_segment" in c.sampler else {}
-    return Sampler(cfg, graphdef, mesh, max_batch=c.sampler.max_batch, prompt_buckets=c.sampler.prompt_buckets,
+    return Sampler(cfg, graphdef, mesh, max_batch=max_batch or c.sampler.max_batch,
+                   prompt_buckets=c.sampler.prompt_buckets,
                    new_token_buckets=c.sampler.new_token_buckets, pad_id=tok.pad_token_id,
                    show_progress=jax.process_index() == 0, **segment)
 

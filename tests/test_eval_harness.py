@@ -84,3 +84,38 @@ def test_seed_bank_from_train_evaluates(lawbench_run):
     assert [r["harness_mode"] for r in records] == ["full"] * len(data.eval)
     assert summary["eval/harness_acc"] == pytest.approx(np.mean([data.task.reward("[罪名]盗窃<eoa>", e)
                                                                  for e in data.eval]))
+
+
+def test_eval_reports_generated_tokens_per_second(lawbench_run):
+    """eval/tokens_per_s x eval/seconds = every token generated: the student's answers and
+    each harness call's (draft and verify), counted here from the fake's own outputs."""
+    c, data = lawbench_run
+    harness = runtime.make_eval_harness(c, data, runtime.make_run_harness(c, data))
+    sampler = ScriptedSampler("[罪名]盗窃<eoa>")
+    summary, records = evaluate(sampler=sampler, tokenizer=ByteTokenizer(), params=None, task=data.task,
+                                harness=harness, examples=list(data.eval), eval_cfg=c.eval, rng=jax.random.key(0))
+    answer = len(ByteTokenizer().encode("[罪名]盗窃<eoa>"))
+    calls = len(sampler.calls)  # student, draft, verify
+    assert calls == 3 and all(len(p) == len(data.eval) for p in sampler.calls)
+    expected = calls * len(data.eval) * answer
+    assert summary["eval/seconds"] > 0
+    assert summary["eval/tokens_per_s"] * summary["eval/seconds"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_eval_batch_size_gets_its_own_sampler(tmp_path):
+    """eval.batch_size: evaluation generates with that many rows per call; 0 = the run's."""
+    import importlib.util
+
+    from ophsd_jax.run import Run
+
+    spec = importlib.util.spec_from_file_location("tiny", pathlib.Path(__file__).parents[1] / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    c = tiny.get_config()
+    c.train.batch_size, c.sampler.max_batch, c.eval.batch_size = 8, 8, 16  # tests run on 8 devices
+    run = Run.create(c, str(tmp_path / "w"))
+    assert run._eval_sampler().max_batch == 16 and run.sampler.max_batch == 8
+    assert run._eval_sampler() is run._eval_sampler()
+    c.eval.batch_size = 0
+    run = Run.create(c, str(tmp_path / "v"))
+    assert run._eval_sampler() is run.sampler
