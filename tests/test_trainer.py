@@ -178,7 +178,8 @@ STOP_SECONDS = 20
 
 def timing_free(rows):
     """Metrics rows by step without wall-clock values (the only ones a resume may change)."""
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"}
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith("time/")
+                      and k not in ("tokens_per_s", "eval/seconds", "eval/tokens_per_s")}
             for r in rows}
 
 
