@@ -171,9 +171,9 @@ _CHOICES = {
 _POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_every", "train.keep_checkpoints",
              "rollout.max_new_tokens", "eval.k", "eval.max_new_tokens", "sampler.max_batch", "sampler.decode_segment",
              "distill.tile")
-_NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "eval.batch_size", "optim.grad_clip", "optim.warmup_steps",
+_NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
                  "distill.clip", "distill.reward_weight_beta", "distill.max_response_tokens", "eval.num_examples",
-                 "rollout.temperature", "eval.temperature")
+                 "rollout.temperature", "eval.temperature", "eval.batch_size")
 
 
 class ConfigValueError(ValueError):

@@ -38,6 +38,7 @@ class StopRequested(Exception):
 class Run:
     _stop_requested = False  # set by the signal handler, on this process only
     _eval_harness = None  # the harness re-attached at evaluation, made at the first one
+    _eval_sampler_obj = None  # evaluation's own sampler (eval.batch_size), made at the first evaluation
 
     @classmethod
     def request_stop(cls, signum=None, frame=None):
@@ -288,7 +289,8 @@ class Run:
             if self._eval_harness is None:
                 self._eval_harness = runtime.make_eval_harness(c, self.data, self.harness)
             harness = self._eval_harness
-        summary, records = evaluate(sampler=self._eval_sampler(), tokenizer=self.tokenizer, params=self.sample_params(),
+        summary, records = evaluate(sampler=self._eval_sampler(), tokenizer=self.tokenizer,
+                                    params=self.sample_params(),
                                     task=self.data.task, harness=harness,
                                     examples=[ev[i] for i in range(part.start, part.stop)], eval_cfg=c.eval,
                                     rng=jax.random.fold_in(jax.random.key(c.seed + 1), step),
@@ -306,7 +308,7 @@ class Run:
         rows = self.config.eval.get("batch_size", 0)  # (absent in the config.json of older runs)
         if not rows or rows == self.config.sampler.max_batch:
             return self.sampler
-        if getattr(self, "_eval_sampler_obj", None) is None:
+        if self._eval_sampler_obj is None:
             self._eval_sampler_obj = runtime.make_sampler(self.config, self.model_cfg, self.graphdef, self.mesh,
                                                           self.tokenizer, max_batch=rows)
             self._eval_sampler_obj.poll = self.sampler.poll

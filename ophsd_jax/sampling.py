@@ -163,6 +163,20 @@ def sample_rows(logits, rows: RowSampling, index, *, greedy: bool, use_top_k: bo
     return jnp.where(rows.temperature == 0.0, best, drawn)
 
 
+def row_keys(rng, n: int, offset: int = 0) -> np.ndarray:
+    """Raw key data [n, ...] of n prompts' keys: `rng` itself when it holds n keys (typed
+    or raw), else fold_in(rng, offset + i) for prompt i (`offset`: the prompts of the
+    processes before this one)."""
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    if rng.ndim == 1:
+        if rng.shape[0] != n:
+            raise ValueError(f"rng holds {rng.shape[0]} keys for {n} prompts")
+        return np.asarray(jax.random.key_data(rng))
+    index = jnp.arange(offset, offset + n, dtype=jnp.uint32)
+    return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(rng, index)))
+
+
 class DecodeState(NamedTuple):
     """What one decode segment hands the next (device arrays, rows sharded like the batch)."""
     step: jax.Array  # tokens generated so far (the next token's column)
@@ -252,7 +266,7 @@ class Sampler:
         statics = dict(n_new_bucket=n_new, greedy=not any_sampled, use_top_k=bool(any_top_k),
                        use_top_p=bool(any_top_p),
                        top_k_cap=0 if (not any_top_k or uncapped) else top_k_cap(largest_k, self.cfg.vocab_size))
-        keys = self._row_keys(rng, n, self.share[0] * most if count > 1 else 0)
+        keys = row_keys(rng, n, self.share[0] * most)
         rows = self.max_batch // count  # this process's rows per chunk
         tokens, lengths, logprobs = [None] * n, np.zeros(n, np.int32), [None] * n
         stop = np.full((max(8, len(stop_tokens)),), -1, np.int32)  # fixed size: no recompile per stop set (up to 8)
@@ -277,19 +291,6 @@ class Sampler:
 
     # ---- internals --------------------------------------------------------------------
 
-    @staticmethod
-    def _row_keys(rng, n: int, offset: int) -> np.ndarray:
-        """Raw key data [n, ...] of each prompt's key: `rng` itself when it holds n keys,
-        else fold_in(rng, offset + i)."""
-        if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            rng = jax.random.wrap_key_data(rng)
-        if rng.ndim == 1:
-            if rng.shape[0] != n:
-                raise ValueError(f"rng holds {rng.shape[0]} keys for {n} prompts")
-            return np.asarray(jax.random.key_data(rng))
-        index = jnp.arange(offset, offset + n, dtype=jnp.uint32)
-        return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(rng, index)))
-
     def _run_chunk(self, params, prompts, n_rows, longest, sampling: RowSampling, stop, statics):
         """One jitted call on `prompts` (this process's rows; `n_rows` is the most rows any
         process has in this chunk, `longest` the agreed longest prompt or None = these prompts')."""
@@ -312,6 +313,7 @@ class Sampler:
 
         sampling = RowSampling(pad(sampling.keys, 0), pad(sampling.temperature, 0), pad(sampling.top_k, 0),
                                pad(sampling.top_p, 1), pad(sampling.limit, 1))
+        limit = sampling.limit  # this process's rows, on the host
         sh = parallel.named_sharding(self.mesh, ("batch", "seq"), (B * count, P))
         row_sh = lambda x: parallel.named_sharding(self.mesh, ("batch",) + (None,) * (x.ndim - 1),  # noqa: E731
                                                    (B * count, *x.shape[1:]))
@@ -325,8 +327,7 @@ class Sampler:
         while not parallel.to_host(finished):
             self._poll()
             state, finished = self._resume(params, state, *args, **statics)
-        out_tok, out_lp, limit = (parallel.process_rows(x, self.share) for x in (state.out_tok, state.out_lp,
-                                                                                  sampling.limit))
+        out_tok, out_lp = (parallel.process_rows(x, self.share) for x in (state.out_tok, state.out_lp))
         steps = int(parallel.to_host(state.step))
         n_new = out_tok.shape[1]
         # length: up to and including the first stop token, else the row's generated steps
@@ -479,11 +480,11 @@ def generate_chats(sampler: Sampler, tokenizer, params, requests: Sequence[ChatR
             log.warning("skipping %d of %d prompts longer than the largest sampler.prompt_buckets entry (%d "
                         "tokens; longest %d)", len(prompts) - len(fits), len(prompts), limit, max(map(len, prompts)))
         rows += [(j, i) for i in fits]
-    keys = [jax.random.fold_in(requests[j].rng, share * most[j] + i if count > 1 else i) for j, i in rows]
+    keys = [row_keys(r.rng, n, share * m) for r, n, m in zip(requests, sizes, most)]
     field = lambda name: [getattr(requests[j], name) for j, _ in rows]  # noqa: E731
     stop = tokenizer.stop_token_ids
     out = sampler.generate(params, [rendered[j][i] for j, i in rows], max_new_tokens=field("max_new_tokens"),
-                           rng=jnp.stack(keys) if keys else jax.random.split(jax.random.key(0), 0),
+                           rng=np.stack([keys[j][i] for j, i in rows]) if rows else np.zeros((0, 2), np.uint32),
                            temperature=field("temperature"), top_k=field("top_k"), top_p=field("top_p"),
                            stop_tokens=stop)
     stop_set = set(stop)
