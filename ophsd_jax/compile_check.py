@@ -202,7 +202,7 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
     from ophsd_jax import runtime
     from ophsd_jax.distill.batch import PairBatch, SideBatch
     from ophsd_jax.distill.step import TrainStep, init_train_state, micro_batch_rows_error
-    from ophsd_jax.sampling import Sampler, top_k_cap
+    from ophsd_jax.sampling import RowSampling, Sampler, top_k_cap
 
     cfg = model_config(c, preset)
     if num_layers:
@@ -240,7 +240,7 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
 
     sampler = Sampler(cfg, graphdef, mesh, max_batch=c.sampler.max_batch, prompt_buckets=c.sampler.prompt_buckets,
                       new_token_buckets=c.sampler.new_token_buckets, show_progress=False)
-    key = jax.eval_shape(lambda: jax.random.key(0))
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # one row's raw key
     replicated = NamedSharding(mesh, P())
     seen = set()
     for name, prompt_len, new in _generation_calls(c):
@@ -252,11 +252,12 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         seen.add(sig)
         Bs = sampler.max_batch
         tok_sh = parallel.named_sharding(mesh, ("batch", "seq"), (Bs, prompt_len))
+        row = lambda dtype, *shape: abstract((Bs, *shape), dtype, parallel.named_sharding(  # noqa: E731
+            mesh, ("batch",) + (None,) * len(shape), (Bs, *shape)))
+        rows_sampling = RowSampling(row(jnp.uint32, *key_data.shape), row(jnp.float32), row(jnp.int32),
+                                    row(jnp.float32), row(jnp.int32))
         args = (params, abstract((Bs, prompt_len), jnp.int32, tok_sh), abstract((Bs, prompt_len), jnp.int32, tok_sh),
-                abstract(key.shape, key.dtype, replicated), abstract((), jnp.float32, replicated),
-                abstract((), jnp.int32, replicated), abstract((), jnp.float32, replicated),
-                abstract((8,), jnp.int32, replicated), abstract((), jnp.int32, replicated),
-                abstract((), jnp.int32, replicated))
+                rows_sampling, abstract((8,), jnp.int32, replicated), abstract((), jnp.int32, replicated))
         kw = dict(n_new_bucket=new, greedy=False, use_top_k=top_k > 0, use_top_p=top_p < 1,
                   top_k_cap=top_k_cap(top_k, cfg.vocab_size))
         # The sampler reads the training params; the optimizer state and teacher stay resident.

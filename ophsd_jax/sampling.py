@@ -127,15 +127,6 @@ def greedy_token(logits) -> jax.Array:
     return jnp.min(jnp.where(hit, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
 
 
-def sample_token(logits, key, temperature, top_k, top_p, *, greedy: bool, use_top_k: bool, use_top_p: bool,
-                 top_k_cap: int = 0):
-    if greedy:
-        return greedy_token(logits)
-    filtered = filter_logits(logits, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p,
-                             top_k_cap=top_k_cap)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-
-
 class RowSampling(NamedTuple):
     """Per-row sampling settings of a generation call ([B] arrays; rows sharded like the batch).
 

@@ -12,7 +12,7 @@ from hf_reference import make_hf_model, save_hf_model
 from ophsd_jax import parallel
 from ophsd_jax.models import state as S
 from ophsd_jax.models.weights import load_hf
-from ophsd_jax.sampling import Sampler, filter_logits, greedy_token, sample_token, top_k_cap
+from ophsd_jax.sampling import RowSampling, Sampler, filter_logits, greedy_token, sample_rows, top_k_cap
 
 PROMPTS = [[5, 17, 99, 23, 4, 61, 7], [250, 11], [42, 42, 8, 300, 19, 77, 150, 3, 9, 200, 12]]
 
@@ -157,9 +157,15 @@ def test_sampling_frequencies_match_filtered_distribution(temperature, top_k, to
     expected = _reference_filtered_probs(logits.astype(np.float64), temperature, top_k, top_p)
     n = 40000
     keys = jax.random.split(jax.random.key(123), n)
-    draw = jax.jit(jax.vmap(lambda k: sample_token(
-        jnp.asarray(logits)[None], k, temperature, top_k, top_p, greedy=False,
-        use_top_k=top_k > 0, use_top_p=top_p < 1.0)[0]))
+    one = lambda x, dtype: jnp.asarray([x], dtype)  # noqa: E731
+
+    def sample(k):  # the sampler's own per-row path, one row per key
+        rows = RowSampling(jax.random.key_data(k)[None], one(temperature, jnp.float32), one(top_k, jnp.int32),
+                           one(top_p, jnp.float32), one(1, jnp.int32))
+        return sample_rows(jnp.asarray(logits)[None], rows, 0, greedy=False, use_top_k=top_k > 0,
+                           use_top_p=top_p < 1.0)[0]
+
+    draw = jax.jit(jax.vmap(sample))
     counts = np.bincount(np.asarray(draw(keys)), minlength=len(logits))
     freq = counts / n
     assert np.all(counts[expected == 0] == 0), f"filtered tokens were sampled: {counts}"
