@@ -61,6 +61,16 @@ class Run:
     def create(cls, config, workdir: str, *, restore_step: int | None = None, for_eval: bool = False,
                initial_ok: bool = False) -> "Run":
         self = cls()
+        try:
+            return self._setup(config, workdir, restore_step=restore_step, for_eval=for_eval, initial_ok=initial_ok)
+        except BaseException:
+            # Orbax's manager runs a background thread (temp-dir cleanup, async saves): left
+            # running, it dies with a traceback at interpreter exit, burying the error.
+            if getattr(self, "ckpt", None) is not None:
+                self.ckpt.close()
+            raise
+
+    def _setup(self, config, workdir: str, *, restore_step, for_eval, initial_ok) -> "Run":
         self.config, self.workdir = config, workdir
         c = config
         self.mesh = runtime.make_mesh(c)

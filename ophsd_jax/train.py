@@ -42,6 +42,9 @@ def train(config, workdir: str) -> dict:
         _train_loop(run, c, task, tok, bar)
     except StopRequested:  # SIGTERM on any process: the step in progress is abandoned
         run.save_stopped()
+    except BaseException:
+        run.ckpt.close()  # finish an async save in flight; stop Orbax's threads before exit
+        raise
     bar.close()
     return run.finish()
 
@@ -106,7 +109,10 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, num_examples: int
     if k is not None:
         config.eval.k = k
     run = Run.create(config, workdir, restore_step=step, for_eval=True, initial_ok=initial_ok)
-    return run.evaluate(run.step)
+    try:
+        return run.evaluate(run.step)
+    finally:
+        run.ckpt.close()
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, OSError)
