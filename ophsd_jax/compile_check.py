@@ -173,27 +173,42 @@ class Program:
     resident_bytes: int  # memory other parts of the run keep on the device meanwhile
 
 
-def _generation_calls(c) -> list[tuple[str, int, int]]:
-    """(name, prompt length, new tokens) of every generation call of a step and of
-    evaluation, at their largest buckets."""
+def _generation_calls(c) -> list[tuple[str, int, int, list[tuple[int, float]]]]:
+    """(name, prompt length, new tokens, the (top_k, top_p) of its rows) of every
+    generation call of a step and of evaluation, at their largest buckets."""
+    from ophsd_jax.harnesses.base import SamplingConfig
     from ophsd_jax.sampling import bucket
 
     pb, nb = tuple(c.sampler.prompt_buckets), tuple(c.sampler.new_token_buckets)
     prompt = max(c.distill.student_buckets[-1] - c.rollout.max_new_tokens, 1)  # room a student prompt has
-    prompt = min(prompt, pb[-1])
-    calls = [("rollout", bucket(prompt, pb, "prompt"), bucket(c.rollout.max_new_tokens, nb, "rollout tokens"))]
+    prompt = bucket(min(prompt, pb[-1]), pb, "prompt")
     name = c.harness.name or {"math": "plan_solve"}.get(c.task, "draft_verify")
     opts = c.harness.options.to_dict()
+    harness = (opts.get("top_k", SamplingConfig.top_k), opts.get("top_p", SamplingConfig.top_p))
     harness_calls = {
         "plan_solve": [("plan", opts.get("plan_max_tokens", 512)), ("solve", opts.get("solve_max_tokens", 1024))],
         "draft_verify": [("draft", opts.get("draft_max_tokens", 256)), ("verify", opts.get("verify_max_tokens", 256))],
-        "opsd": [],
+        "opsd": [("solve", opts.get("max_tokens", 4096))] if opts.get("generate") else [],
     }[name]
+    student = [("rollout", prompt, bucket(c.rollout.max_new_tokens, nb, "rollout tokens"),
+                [(c.rollout.top_k, c.rollout.top_p)])]
+    if c.eval.num_examples:
+        student.append(("eval", prompt, bucket(c.eval.max_new_tokens, nb, "eval tokens"),
+                        [(c.eval.top_k, c.eval.top_p)]))
+    calls = []
     # Harness prompts carry the problem plus the harness's own material: the largest bucket.
-    for call, new in harness_calls:
-        calls.append((f"harness_{call}", pb[-1], bucket(min(new, nb[-1]), nb, f"{call} tokens")))
-    calls.append(("eval", bucket(prompt, pb, "prompt"), bucket(c.eval.max_new_tokens, nb, "eval tokens")))
-    return calls
+    # The first call runs together with the student's answers (one sampler call; its rows
+    # may have either's prompt length, token limit and sampling, so the program takes the
+    # larger of each, and both kinds of rows).
+    for j, (call, new) in enumerate(harness_calls):
+        new = bucket(min(new, nb[-1]), nb, f"{call} tokens")
+        if j == 0:
+            joined = [s for s in student if s[0] == "rollout" or c.eval.harness]
+            calls += [(f"{n}+harness_{call}", pb[-1], max(new, m), rows + [harness]) for n, _, m, rows in joined]
+            student = [s for s in student if s not in joined]
+        else:
+            calls.append((f"harness_{call}", pb[-1], new, [harness]))
+    return student + calls
 
 
 def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str] | None = None,
@@ -243,10 +258,12 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # one row's raw key
     replicated = NamedSharding(mesh, P())
     seen = set()
-    for name, prompt_len, new in _generation_calls(c):
-        temp, top_k, top_p = ((c.eval.temperature, c.eval.top_k, c.eval.top_p) if name == "eval" else
-                              (c.rollout.temperature, c.rollout.top_k, c.rollout.top_p))
-        sig = (prompt_len, new, top_k > 0, top_p < 1)
+    for name, prompt_len, new, rows_settings in _generation_calls(c):
+        top_ks = [k for k, _ in rows_settings]
+        use_top_k, use_top_p = max(top_ks) > 0, min(p for _, p in rows_settings) < 1
+        # as the sampler decides it: a row without top-k needs the full sort (cap 0)
+        cap = top_k_cap(max(top_ks), cfg.vocab_size) if use_top_k and min(top_ks) > 0 else 0
+        sig = (prompt_len, new, use_top_k, use_top_p, cap)
         if sig in seen:
             continue
         seen.add(sig)
@@ -258,8 +275,7 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
                                     row(jnp.float32), row(jnp.int32))
         args = (params, abstract((Bs, prompt_len), jnp.int32, tok_sh), abstract((Bs, prompt_len), jnp.int32, tok_sh),
                 rows_sampling, abstract((8,), jnp.int32, replicated), abstract((), jnp.int32, replicated))
-        kw = dict(n_new_bucket=new, greedy=False, use_top_k=top_k > 0, use_top_p=top_p < 1,
-                  top_k_cap=top_k_cap(top_k, cfg.vocab_size))
+        kw = dict(n_new_bucket=new, greedy=False, use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=cap)
         # The sampler reads the training params; the optimizer state and teacher stay resident.
         # LoRA: it reads a merged copy of the weights (the argument), beside the whole train state and base.
         # Prefill + decode (`_start`); `_resume` runs the same decode loop on the donated
@@ -268,9 +284,18 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
                            lambda args=args, kw=kw: sampler._start.lower(*args, **kw),
                            resident - (0 if lora_on else device_bytes(params))))
     if programs:
-        out = [p for p in out if p.name.split("[")[0] in programs or p.name.split("[")[0].split("_", 1)[-1]
-               in programs]
+        out = [p for p in out if _selected(p.name, programs)]
     return out
+
+
+def _selected(name: str, wanted: set[str]) -> bool:
+    """`--programs` matching: "train" or "train_step"; "rollout", "harness_plan",
+    "rollout+harness_plan" or "generate_rollout+harness_plan"; "solve" or "harness_solve"."""
+    base = name.split("[")[0]
+    short = base.removeprefix("generate_")
+    parts = {short, base, *short.split("+")}
+    parts |= {p.removeprefix("harness_") for p in parts} | {base.split("_")[0]}
+    return bool(parts & wanted)
 
 
 @dataclasses.dataclass
@@ -384,7 +409,7 @@ if __name__ == "__main__":
                                     accept_new_attributes=True)
     flags.DEFINE_string("target", "v5p-64", f"one of: {', '.join(TARGETS)}")
     flags.DEFINE_string("model", None, "model preset when config.model.path is empty (qwen3-8b, smollm2-135m)")
-    flags.DEFINE_string("programs", "", "comma-separated subset: train_step, generate_rollout, generate_eval, ...")
+    flags.DEFINE_string("programs", "", "comma-separated subset: train_step, generate_rollout+harness_plan, generate_harness_solve, ...")
     flags.DEFINE_integer("num_layers", None, "override the model's depth (quick what-if compiles)")
     flags.DEFINE_float("headroom", 0.1, "required free fraction of device memory")
     flags.DEFINE_string("json", "", "also write the report to this file")

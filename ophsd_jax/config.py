@@ -79,6 +79,12 @@ def base_config() -> mlc.ConfigDict:
     c.harness = mlc.ConfigDict()
     c.harness.name = ""  # plan_solve | draft_verify | opsd ("" = the task's default)
     c.harness.options = mlc.ConfigDict()  # the harness's own options (sampling, use_gt, k's ...)
+    # Training: the share of each batch whose final harness call (Plan-Solve's solve, Draft-
+    # Verify's verify) is generated, for the harness/reward metric only: the teacher scores
+    # the student's answer after that call's prompt and never reads the harness's answer.
+    # Reward weighting (distill.reward_weight_beta > 0) generates it for every row.
+    # Evaluation always generates it.
+    c.harness.reward_fraction = 0.125
 
     # ---- rollouts (the student answering bare prompts, on-policy) ------------------------
     c.rollout = mlc.ConfigDict()
@@ -139,6 +145,9 @@ def base_config() -> mlc.ConfigDict:
     c.sampler.new_token_buckets = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
     # decode steps per jitted call; a stop request (SIGTERM) is noticed between calls
     c.sampler.decode_segment = 128
+    # Prompt tokens per prefill pass (rows are prefilled in groups up to this); 0 = auto:
+    # 32768 on CPU, one pass on accelerators. Needs unsharded batch rows when set.
+    c.sampler.prefill_tokens = 0
 
     # ---- evaluation ---------------------------------------------------------------------
     c.eval = mlc.ConfigDict()
@@ -173,6 +182,7 @@ _POSITIVE = ("train.steps", "train.batch_size", "train.eval_every", "train.save_
              "distill.tile")
 _NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
                  "distill.clip", "distill.reward_weight_beta", "distill.max_response_tokens", "eval.num_examples",
+                 "sampler.prefill_tokens",
                  "rollout.temperature", "eval.temperature", "eval.batch_size")
 
 
@@ -220,6 +230,8 @@ def validate(c: mlc.ConfigDict) -> None:
             bad(key, "must be >= 0")
     if not 0 < c.distill.keep_fraction <= 1:
         bad("distill.keep_fraction", "must be in (0, 1]")
+    if not 0 <= c.harness.reward_fraction <= 1:
+        bad("harness.reward_fraction", "must be in [0, 1]")
     if not 0 <= c.distill.beta <= 1:
         bad("distill.beta", "must be in [0, 1]")
     for key in ("rollout.top_p", "eval.top_p"):

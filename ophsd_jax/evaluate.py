@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from ophsd_jax.harnesses.base import SKIPPED
-from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
+from ophsd_jax.sampling import ChatRequest, GenerateChat
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,14 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
     k = eval_cfg.k
     t0 = time.perf_counter()
     convs = [task.student_messages(e) for e in examples]
-    out = generate_chat_tokens(sampler, tokenizer, params, [m for m in convs for _ in range(k)],
-                               max_new_tokens=eval_cfg.max_new_tokens, rng=jax.random.fold_in(rng, 0),
-                               temperature=eval_cfg.temperature, top_p=eval_cfg.top_p, top_k=eval_cfg.top_k,
-                               template_kwargs=template_kwargs)
+    student = ChatRequest([m for m in convs for _ in range(k)], eval_cfg.max_new_tokens, jax.random.fold_in(rng, 0),
+                          eval_cfg.temperature, eval_cfg.top_p, eval_cfg.top_k)
+    # The student's answers join the harness's first call (one sampler call).
+    harness_calls = []
+    gen = GenerateChat(sampler, tokenizer, params, jax.random.fold_in(rng, 1), template_kwargs=template_kwargs,
+                       record=harness_calls, join=student)
+    results = harness.run(list(examples), gen) if harness is not None else None
+    out = gen.joined()
     records = []
     for i, (e, m) in enumerate(zip(examples, convs)):
         rows = [j for j in range(i * k, (i + 1) * k) if not out.skipped[j]]  # all k or none: the same prompt
@@ -65,10 +69,6 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
         if not rows:  # longer than the sampler's largest prompt bucket: counted, not scored
             records[-1]["unscored"] = "prompt_too_long"
     if harness is not None:
-        harness_calls = []
-        gen = make_generate_chat(sampler, tokenizer, params, jax.random.fold_in(rng, 1),
-                                 template_kwargs=template_kwargs, record=harness_calls)
-        results = harness.run(list(examples), gen)
         bank = getattr(harness, "bank", None)  # retrieval harnesses: the bank it retrieved from
         for rec, res, e in zip(records, results, examples):
             rec["harness_response"] = res.final_response
@@ -77,8 +77,7 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
             if bank is not None:
                 rec["harness_bank_size"] = len(bank)
     # generated tokens per second of this process's generation (student + harness calls)
-    generated = sum(map(len, out.tokens)) + (sum(len(t) for c in harness_calls for t in c.tokens)
-                                             if harness is not None else 0)
+    generated = sum(map(len, out.tokens)) + sum(len(t) for c in harness_calls for t in c.tokens)
     seconds = time.perf_counter() - t0
     if gather is not None:
         records = gather(records)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import time
 
@@ -229,6 +230,14 @@ class Run:
 
     def progress(self):
         return progress_bar(self.config.train.steps, initial=self.step - (self.pending_metrics is not None))
+
+    def final_rows(self, n: int) -> list[bool]:
+        """Which of this process's `n` examples get the harness's final response: all with
+        reward weighting (it weights by that response's reward), else the first
+        ceil(n * harness.reward_fraction) (the batch is shuffled: a random sample)."""
+        c = self.config
+        most = n if c.distill.reward_weight_beta > 0 else math.ceil(n * c.harness.reward_fraction)
+        return [i < most for i in range(n)]
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
         task = self.data.task

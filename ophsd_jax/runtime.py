@@ -53,12 +53,12 @@ def load_model(c: mlc.ConfigDict, mesh):
 
 
 def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok, max_batch: int | None = None) -> Sampler:
-    # The config.json of a run from before sampler.decode_segment existed: the Sampler's default.
-    segment = {"decode_segment": c.sampler.decode_segment} if "decode_segment" in c.sampler else {}
+    # The config.json of a run from before these keys existed: the Sampler's defaults.
+    newer = {k: c.sampler[k] for k in ("decode_segment", "prefill_tokens") if k in c.sampler}
     return Sampler(cfg, graphdef, mesh, max_batch=max_batch or c.sampler.max_batch,
                    prompt_buckets=c.sampler.prompt_buckets,
                    new_token_buckets=c.sampler.new_token_buckets, pad_id=tok.pad_token_id,
-                   show_progress=jax.process_index() == 0, **segment)
+                   show_progress=jax.process_index() == 0, **newer)
 
 
 @dataclasses.dataclass

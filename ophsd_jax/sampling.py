@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from ophsd_jax import parallel
 from ophsd_jax.models import state as model_state
-from ophsd_jax.models.config import ModelConfig
+from ophsd_jax.models.config import ModelConfig, as_dtype
 from ophsd_jax.models.transformer import KVCache
 
 log = logging.getLogger(__name__)
@@ -179,13 +179,17 @@ class DecodeState(NamedTuple):
     pos: jax.Array
 
 
+DEFAULT_CPU_PREFILL_TOKENS = 32768  # prompt tokens per prefill pass on CPU (Sampler's prefill_tokens=0)
+
+
 class Sampler:
     """Generates from token-id prompts; see `generate`."""
 
     def __init__(self, cfg: ModelConfig, graphdef, mesh: Mesh, *, max_batch: int = 64,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS, cache_dtype: str | None = None,
-                 pad_id: int = 0, show_progress: bool = True, layer_loop: str = "auto", decode_segment: int = 128):
+                 pad_id: int = 0, show_progress: bool = True, layer_loop: str = "auto", decode_segment: int = 128,
+                 prefill_tokens: int = 0):
         self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
         if layer_loop == "auto":
             layer_loop = "unrolled" if mesh.devices.flat[0].platform == "cpu" else "scan"
@@ -199,6 +203,17 @@ class Sampler:
         self.show_progress = show_progress
         # Batch rows are sharded over these mesh axes; batch buckets are multiples of it.
         self.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        # Prefill in groups of rows of at most this many prompt tokens (0: auto), so that
+        # its activations do not scale with the whole batch: on XLA:CPU a batch-32 prefill
+        # of 4k-token prompts needs ~11 GiB of temporaries in one pass. Rows are sliced
+        # out of the batch, so only with unsharded batch rows; auto: CPU only.
+        if prefill_tokens < 0:
+            raise ValueError(f"prefill_tokens must be >= 0 (0: auto), got {prefill_tokens}")
+        if prefill_tokens and self.batch_shards > 1:
+            raise ValueError(f"prefill_tokens={prefill_tokens} needs unsharded batch rows (mesh data x fsdp = 1, "
+                             f"got {self.batch_shards}); use 0")
+        auto = DEFAULT_CPU_PREFILL_TOKENS if mesh.devices.flat[0].platform == "cpu" and self.batch_shards == 1 else 0
+        self.prefill_tokens = int(prefill_tokens or auto)
         self.max_batch = max(self.batch_shards, max_batch - max_batch % self.batch_shards)
         # Multi-process: this process's share of every call's batch rows (see parallel.batch_share).
         self.share = parallel.batch_share(mesh)
@@ -338,11 +353,10 @@ class Sampler:
         with parallel.activation_mesh(self.mesh):
             model = nnx.merge(self.graphdef, params)
             forward, logits_fn, layers = self._layer_loop(model)
-            cache = self._empty_cache(B, P + n_new_bucket, per_layer=layers is not None)
             kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((B, n_new_bucket), jnp.int32)], axis=1)
             positions = model_state.positions_from_mask(prompt_mask)
-            hidden, cache = forward(prompt, positions, kv_mask, cache, 0)
-            logits = logits_fn(hidden[:, -1])
+            last, cache = self._prefill(forward, prompt, positions, kv_mask, n_new_bucket, layers is not None)
+            logits = logits_fn(last)
             sample = functools.partial(sample_rows, rows=rows, greedy=greedy, use_top_k=use_top_k,
                                        use_top_p=use_top_p, top_k_cap=top_k_cap)
             first = sample(logits, index=0)
@@ -351,6 +365,31 @@ class Sampler:
             state = DecodeState(jnp.int32(1), cache, kv_mask, out_tok, out_lp,
                                 jnp.isin(first, stop) | (rows.limit <= 1), positions[:, -1] + 1)
             return self._decode(forward, logits_fn, state, P, rows, stop, segment, sample)
+
+    def _prefill(self, forward, prompt, positions, kv_mask, n_new: int, per_layer: bool):
+        """(last hidden state [B, D], the cache with the prompts written): one pass, or a
+        loop over groups of rows of at most `prefill_tokens` tokens, each prefilled into a
+        cache of its own rows that is then copied into the batch's cache."""
+        B, P = prompt.shape
+        cache = self._empty_cache(B, P + n_new, per_layer=per_layer)
+        rows = max(1, self.prefill_tokens // P) if self.prefill_tokens else B
+        while B % rows:  # equal groups (B is a power of two times the batch shards)
+            rows -= 1
+        if rows >= B:
+            hidden, cache = forward(prompt, positions, kv_mask, cache, 0)
+            return hidden[:, -1], cache
+        axis = 0 if per_layer else 1  # the batch axis of the cache arrays
+
+        def group(g, carry):
+            last, cache = carry
+            take = lambda x: jax.lax.dynamic_slice_in_dim(x, g * rows, rows, 0)  # noqa: E731
+            hidden, part = forward(take(prompt), take(positions), take(kv_mask)[:, :P],
+                                   self._empty_cache(rows, P, per_layer=per_layer), 0)
+            cache = jax.tree.map(lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, g * rows, axis), cache, part)
+            return jax.lax.dynamic_update_slice_in_dim(last, hidden[:, -1], g * rows, 0), cache
+
+        last = jnp.zeros((B, self.cfg.hidden_size), as_dtype(self.cfg.dtype))
+        return jax.lax.fori_loop(0, B // rows, group, (last, cache))
 
     def _resume_chunk(self, params, state, rows: RowSampling, stop, segment, *, n_new_bucket: int, greedy: bool,
                       use_top_k: bool, use_top_p: bool, top_k_cap: int):
@@ -491,33 +530,53 @@ def generate_chats(sampler: Sampler, tokenizer, params, requests: Sequence[ChatR
 def generate_chat_tokens(sampler: Sampler, tokenizer, params, conversations: Sequence[list[dict]], *,
                          max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, template_kwargs: dict | None = None) -> ChatOutput:
-    """One chat call (`generate_chats` with one request): the single entry point for
-    evaluation and harness calls."""
+    """One chat call (`generate_chats` with one request)."""
     request = ChatRequest(conversations, max_new_tokens, rng, temperature, top_p, top_k)
     return generate_chats(sampler, tokenizer, params, [request], template_kwargs=template_kwargs)[0]
 
 
-def make_generate_chat(sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
-                       template_kwargs: dict | None = None, record: list | None = None) -> Callable[..., ChatOutput]:
-    """A `generate_chat(conversations, **sampling) -> ChatOutput` callable bound to `params`
-    (the harness protocol, harnesses/base.py: `.texts`, and `.prompt_tokens`, the ids each
-    reply was sampled after, which the teacher context is then scored in).
-    A text is None where the prompt did not fit the sampler (see `generate_chats`).
+class GenerateChat:
+    """The harness's `generate_chat(conversations, **sampling) -> ChatOutput`, bound to
+    `params` (harnesses/base.py: `.texts`, and `.prompt_tokens`, the ids each reply was
+    sampled after, which the teacher context is then scored in). A text is None where the
+    prompt did not fit the sampler (see `generate_chats`). Each call draws a fresh key
+    (fold_in of a call counter).
 
-    Each call draws a fresh key (fold_in of a call counter). If `record` is a list, each
-    call appends its ChatOutput (for logging token counts).
+    `join`: a request that does not depend on the harness (the step's rollout). It is
+    generated in one sampler call with the harness's first call (which depends only on
+    the prompts too), each keeping its own settings and keys, so both get exactly what
+    separate calls would give; `joined()` returns its output (generating it alone if the
+    harness made no call). `record`: a list each harness call's ChatOutput is appended to.
     """
-    calls = [0]
 
-    def generate_chat(conversations, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                      max_new_tokens: int | None = None) -> ChatOutput:
-        key = jax.random.fold_in(rng, calls[0])
-        calls[0] += 1
-        out = generate_chat_tokens(sampler, tokenizer, params, conversations,
-                                   max_new_tokens=max_new_tokens or default_max_new_tokens, rng=key,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, template_kwargs=template_kwargs)
-        if record is not None:
-            record.append(out)
+    def __init__(self, sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
+                 template_kwargs: dict | None = None, record: list | None = None, join: ChatRequest | None = None):
+        self.sampler, self.tokenizer, self.params, self.rng = sampler, tokenizer, params, rng
+        self.default_max_new_tokens, self.template_kwargs, self.record = default_max_new_tokens, template_kwargs, record
+        self._join, self._joined, self.calls = join, None, 0
+
+    def __call__(self, conversations, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 max_new_tokens: int | None = None) -> ChatOutput:
+        request = ChatRequest(conversations, max_new_tokens or self.default_max_new_tokens,
+                              jax.random.fold_in(self.rng, self.calls), temperature, top_p, top_k)
+        self.calls += 1
+        *joined, out = self._generate([self._join] * (self._pending()) + [request])
+        if joined:
+            self._joined = joined[0]
+        if self.record is not None:
+            self.record.append(out)
         return out
 
-    return generate_chat
+    def joined(self) -> ChatOutput:
+        """The output of the `join` request."""
+        if self._pending():
+            self._joined = self._generate([self._join])[0]
+        return self._joined
+
+    def _pending(self) -> int:
+        return int(self._join is not None and self._joined is None)
+
+    def _generate(self, requests):
+        return generate_chats(self.sampler, self.tokenizer, self.params, requests,
+                              template_kwargs=self.template_kwargs)
+

@@ -5,7 +5,9 @@
 Each step (docs/design.md):
   1. rollout  - the student answers bare prompts with the current weights (T=1.0)
   2. harness  - the same prompts go through the harness, also with the current weights;
-                its last call's messages are the teacher context
+                its last call's messages are the teacher context (its first call and
+                the rollout are one sampler call; its last call's answer, which only
+                the harness reward reads, for harness.reward_fraction of the rows)
   3. distill  - one jitted step scores the student's own response under both contexts
                 and moves the student towards the teacher, token by token
   4. bookkeep - memory bank, metrics, periodic evaluation and checkpoints
@@ -28,7 +30,7 @@ from ophsd_jax import runtime
 from ophsd_jax.distill.batch import build_pair_batch
 from ophsd_jax.parallel import to_host
 from ophsd_jax.run import Run, StopRequested
-from ophsd_jax.sampling import generate_chat_tokens, make_generate_chat
+from ophsd_jax.sampling import ChatRequest, GenerateChat
 
 log = logging.getLogger("ophsd_jax.train")
 
@@ -58,16 +60,16 @@ def _train_loop(run: Run, c, task, tok, bar) -> None:
         examples = run.next_examples()  # this process's share of the batch
         key = jax.random.fold_in(run.rng, step)
         student_msgs = [task.student_messages(e) for e in examples]
-        with run.timer("rollout"):  # 1. on-policy answers to the bare prompts
+        with run.timer("generate"):  # 1. on-policy answers to the bare prompts; 2. the teacher context
             params = run.sample_params()  # current weights (LoRA: base + adapter, merged once per step)
-            rollout = generate_chat_tokens(
-                run.sampler, tok, params, student_msgs, max_new_tokens=c.rollout.max_new_tokens,
-                rng=jax.random.fold_in(key, 0), temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-                top_k=c.rollout.top_k, template_kwargs=run.template_kwargs)
-        with run.timer("harness"):  # 2. teacher context from the harness, current weights
-            generate_chat = make_generate_chat(run.sampler, tok, params, jax.random.fold_in(key, 1),
-                                               template_kwargs=run.template_kwargs)
-            results = run.harness.run(examples, generate_chat)
+            rollout_request = ChatRequest(student_msgs, c.rollout.max_new_tokens, jax.random.fold_in(key, 0),
+                                          c.rollout.temperature, c.rollout.top_p, c.rollout.top_k)
+            # The rollout joins the harness's first call (one sampler call; neither needs the other).
+            generate_chat = GenerateChat(run.sampler, tok, params, jax.random.fold_in(key, 1),
+                                         template_kwargs=run.template_kwargs, join=rollout_request)
+            # The final call's answer only feeds the harness reward: generated where it is used.
+            results = run.harness.run(examples, generate_chat, final=run.final_rows(len(examples)))
+            rollout = generate_chat.joined()
             del params, generate_chat  # LoRA: the merged copy is not kept through the update
         with run.timer("update"):  # 3. score y under both contexts, one jitted step
             skip = ["rollout_prompt_too_long" if s else "harness_prompt_too_long" if r.skipped else None

@@ -33,9 +33,9 @@ class ProbingPlanSolve(PlanSolveHarness):
         self.bank = MemoryBank(make_embedder("tfidf", dim=4).fit(CORPUS))
         self.examples_seen = 0
 
-    def run(self, examples, generate_chat):
+    def run(self, examples, generate_chat, final=None):
         self.examples_seen += len(examples)
-        results = super().run(examples, generate_chat)
+        results = super().run(examples, generate_chat, final)
         probe = [self.task.student_messages(e) for e in examples[:1]] if jax.process_index() == 0 else []
         call_model(generate_chat, self.name, "probe", probe, self.config, 8)
         return results

@@ -20,7 +20,7 @@ from ophsd_jax.harnesses import make_harness
 from ophsd_jax.harnesses.plan_solve_prompts import PLANNER_SYSTEM
 from ophsd_jax.models.config import ModelConfig
 from ophsd_jax.models.state import init_params
-from ophsd_jax.sampling import Sampler, generate_chat_tokens, make_generate_chat
+from ophsd_jax.sampling import GenerateChat, Sampler, generate_chat_tokens
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TOK = ByteTokenizer()
@@ -90,7 +90,7 @@ def plan_solve_answer(prompt):
 def test_plan_solve_skips_per_phase_and_keeps_its_calls():
     harness = make_harness("plan_solve", make_task("math"), {"plan_max_tokens": 8192})
     sampler = ScriptedSampler(plan_solve_answer, prompt_buckets=(LIMIT,))
-    results = harness.run(EXAMPLES, make_generate_chat(sampler, TOK, None, jax.random.key(0)))
+    results = harness.run(EXAMPLES, GenerateChat(sampler, TOK, None, jax.random.key(0)))
     assert [r.mode for r in results] == ["skipped_plan", "skipped_solve", "plan_solve"]
     assert [r.skipped for r in results] == [True, True, False]
     assert results[0].final_response == results[1].final_response == ""
@@ -101,7 +101,7 @@ def test_plan_solve_skips_per_phase_and_keeps_its_calls():
     assert [t["name"] for t in results[1].trace] == ["plan", "solve"] and results[1].trace[1]["response"] is None
 
     sampler = ScriptedSampler(plan_solve_answer, prompt_buckets=(16,))  # nothing fits anywhere
-    results = harness.run(EXAMPLES, make_generate_chat(sampler, TOK, None, jax.random.key(0)))
+    results = harness.run(EXAMPLES, GenerateChat(sampler, TOK, None, jax.random.key(0)))
     assert [r.mode for r in results] == ["skipped_plan"] * 3 and sampler.calls == [[], []]
 
 

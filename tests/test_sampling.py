@@ -67,9 +67,13 @@ def assert_no_near_ties(scores, rows, min_gap=1e-2):
 LAYER_LOOPS = ["scan", "unrolled"]
 
 
-@pytest.mark.parametrize("layer_loop,causal_block,impl", [("scan", None, "dense"), ("unrolled", None, "dense"),
-                                                          ("unrolled", 4, "dense"), ("scan", 4, "blockwise")])
-def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop, causal_block, impl, monkeypatch):
+@pytest.mark.parametrize("layer_loop,causal_block,impl,prefill_tokens", [
+    ("scan", None, "dense", 0), ("unrolled", None, "dense", 0), ("unrolled", 4, "dense", 0),
+    ("scan", 4, "blockwise", 0),
+    # prefill in groups of rows: one row per pass (prompt bucket 64), two rows per pass
+    ("unrolled", None, "dense", 64), ("scan", None, "dense", 128)])
+def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop, causal_block, impl, prefill_tokens,
+                                                      monkeypatch):
     hf, cfg, graphdef, params = model
     cfg = cfg.replace(attention=impl)
     graphdef = S.abstract_model(cfg)[0]
@@ -78,7 +82,8 @@ def test_greedy_matches_transformers_with_stop_tokens(model, layer_loop, causal_
         monkeypatch.setattr(attention, "CAUSAL_BLOCK", causal_block)
         monkeypatch.setattr(attention, "BLOCK", causal_block)
     sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
-                      layer_loop=layer_loop)
+                      layer_loop=layer_loop, prefill_tokens=prefill_tokens)
+    assert sampler.prompt_buckets[0] == 64 and sampler.prefill_tokens == (prefill_tokens or 32768)
     ref, scores = hf_greedy(hf, PROMPTS, 12, stop=None)
     assert_no_near_ties(scores, ref)
     ours = sampler.generate(params, PROMPTS, max_new_tokens=12, rng=jax.random.key(0), temperature=0.0)

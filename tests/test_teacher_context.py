@@ -177,9 +177,14 @@ def qwen3_style_tokenizer(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_training_scores_the_response_after_the_sampled_prompt_ids(qwen3_style_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reward_fraction", [1.0, 0.125])
+def test_training_scores_the_response_after_the_sampled_prompt_ids(qwen3_style_tokenizer, tmp_path, monkeypatch,
+                                                                   reward_fraction):
     """One step of the real loop: the pair batch's student prompt is the rollout's prompt,
-    token for token, and its teacher prompt the harness's solve call's prompt."""
+    token for token, and its teacher prompt the harness's solve call's prompt. With
+    harness.reward_fraction=0.125 only the first of 8 rows is solved (the final answer
+    only feeds the harness reward); the others' teacher prompts are the solve messages
+    rendered as the sampler renders them."""
     import importlib.util
 
     from ophsd_jax import sampling, train
@@ -193,34 +198,36 @@ def test_training_scores_the_response_after_the_sampled_prompt_ids(qwen3_style_t
     c.model.tokenizer = qwen3_style_tokenizer
     assert c.model.chat_template_kwargs.enable_thinking is False  # the default
     c.train.steps, c.train.batch_size, c.train.eval_before = 1, 8, False  # 8 rows: one per test device
+    c.harness.reward_fraction = reward_fraction
 
-    rollouts, harness_calls, batches = [], [], []
+    made, batches, teacher_msgs = [], [], []
 
-    def rollout(*args, **kw):
-        rollouts.append(sampling.generate_chat_tokens(*args, **kw))
-        return rollouts[-1]
-
-    def generate_chat(*args, **kw):
-        harness_calls.clear()  # this step's calls only
-        return sampling.make_generate_chat(*args, record=harness_calls, **kw)
+    class Recording(sampling.GenerateChat):  # the step's generation: rollout joined with the harness calls
+        def __init__(self, *args, **kw):
+            super().__init__(*args, record=[], **kw)
+            made.append(self)
 
     def pair_batch(*args, **kw):
+        teacher_msgs.append(args[2])
         batches.append(build_pair_batch(*args, **kw))
         return batches[-1]
 
-    monkeypatch.setattr(train, "generate_chat_tokens", rollout)
-    monkeypatch.setattr(train, "make_generate_chat", generate_chat)
+    monkeypatch.setattr(train, "GenerateChat", Recording)
     monkeypatch.setattr(train, "build_pair_batch", pair_batch)
     monkeypatch.setattr(Run, "evaluate", lambda self, step: {})
     train.train(c, str(tmp_path))
 
-    (out,), (batch,), (_, solve_call) = rollouts, batches, harness_calls  # harness: plan, then solve
+    (gen,), (batch,), (teacher_msgs,) = made, batches, teacher_msgs
+    out, (plan_call, solve_call) = gen.joined(), gen.record  # harness: plan (with the rollout), then solve
+    assert len(plan_call.texts) == 8 and len(solve_call.texts) == (8 if reward_fraction == 1 else 1)
     tok = Tokenizer.from_dir(qwen3_style_tokenizer)
     think = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert batch.meta.num_valid == 8
     for row, i in enumerate(batch.meta.kept):
-        assert SOLVER_SYSTEM in tok.decode(solve_call.prompt_tokens[i])
-        for side, prompt in ((batch.student, out.prompt_tokens[i]), (batch.teacher, solve_call.prompt_tokens[i])):
+        rendered = tok.apply_chat_template(teacher_msgs[i], add_generation_prompt=True, enable_thinking=False)
+        teacher = solve_call.prompt_tokens[i] if i < len(solve_call.texts) else rendered
+        assert list(teacher) == list(rendered) and SOLVER_SYSTEM in tok.decode(teacher)
+        for side, prompt in ((batch.student, out.prompt_tokens[i]), (batch.teacher, teacher)):
             assert tok.decode(prompt, skip_special_tokens=False).endswith(think)  # the kwargs were in effect
             n = len(prompt)
             assert side.tokens[row, :n].tolist() == list(prompt)

@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 STOP_DRIVER = os.path.join(ROOT, "tests", "stop_driver.py")
 METRIC_KEYS = ("loss", "grad_norm", "student_entropy", "tokens", "skipped_updates", "rollout/reward",
-               "harness/reward", "lr", "tokens_per_s", "time/rollout_s", "time/harness_s", "time/update_s",
-               "time/rollout_share", "batch/skipped", "harness/mode_plan_solve")
+               "harness/reward", "lr", "tokens_per_s", "time/generate_s", "time/update_s",
+               "time/generate_share", "batch/skipped", "harness/mode_plan_solve")
 
 
 def env(devices=1):

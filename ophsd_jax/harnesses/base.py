@@ -2,7 +2,7 @@
 
 A harness is an object with
 
-    run(examples, generate_chat) -> list[HarnessResult]
+    run(examples, generate_chat, final=None) -> list[HarnessResult]
     observe(examples) -> None        # after a training step (memory banks)
     state_dict() / load_state_dict() # for checkpoints (empty when stateless)
 
@@ -15,6 +15,17 @@ them. Every phase is one `generate_chat` call for the whole batch. A reply is
 None where the prompt is longer than the sampler's largest prompt bucket
 (nothing was generated): that example leaves the later phases and its result
 is `skipped_result(phase, ...)` (mode `skipped_<phase>`, no teacher context).
+
+Generate only what is used: the teacher context is the *messages* of the last call
+(the final call); its *response* only feeds the harness reward. `final` (one bool per
+example, None = all) says which examples need that response: for the others the
+harness builds the final messages but leaves them out of the final call, and returns
+`final_response=None`, `teacher_prompt_ids=None` (the trainer renders the messages).
+The final call is still made, with the examples that need it (maybe none). A call
+that is the final one for some examples and not for others (Draft-Verify's draft is
+final where no label can be parsed) generates for all of them. The harness's first
+call depends only on the examples, so the trainer generates the student's rollout in
+the same sampler call (`sampling.GenerateChat(join=...)`); harnesses need not care.
 
 The teacher scores the student's response after the harness's last prompt, so a
 result carries that prompt's token ids when the model reported them (the distill
@@ -61,7 +72,8 @@ class HarnessResult:
     """One example's harness output.
 
     teacher_messages:    the teacher context z(x) (messages of the last call).
-    final_response:      the harness's answer (last call's response).
+    final_response:      the harness's answer (last call's response); None where it was
+                         not generated (`final` was False for this example).
     mode:                which path ran (e.g. plan_solve / solve_only / cold_start / draft_only / full).
     trace:               every call for this example: {"name", "messages", "response"}.
     info:                extras for logging (parsed draft labels, retrieved ids, ...).
@@ -74,7 +86,7 @@ class HarnessResult:
     """
 
     teacher_messages: list[dict]
-    final_response: str
+    final_response: str | None
     mode: str
     trace: list[dict]
     info: dict = dataclasses.field(default_factory=dict)
@@ -95,7 +107,8 @@ def skipped_result(phase: str, messages: list[dict], trace: list[dict]) -> Harne
 class Harness(Protocol):
     name: str
 
-    def run(self, examples: list[dict], generate_chat: GenerateChat) -> list[HarnessResult]: ...
+    def run(self, examples: list[dict], generate_chat: GenerateChat,
+            final: list[bool] | None = None) -> list[HarnessResult]: ...
 
     def observe(self, examples: list[dict]) -> None: ...
 
@@ -154,6 +167,15 @@ def call_model(
             raise HarnessError(f"{harness}/{phase}: generate_chat returned {len(prompt_ids)} prompt id lists "
                                f"for {len(message_lists)} prompts")
     return Replies(responses, prompt_ids)
+
+
+def final_mask(final: list[bool] | None, n: int) -> list[bool]:
+    """`final` (which examples need the final call's response) checked, None = all."""
+    if final is None:
+        return [True] * n
+    if len(final) != n:
+        raise HarnessError(f"final has {len(final)} entries for {n} examples")
+    return [bool(f) for f in final]
 
 
 def prompt_ids_at(replies: Replies, i: int) -> list[int] | None:

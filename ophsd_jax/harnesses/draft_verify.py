@@ -23,7 +23,7 @@ import dataclasses
 
 from ophsd_jax.harnesses import draft_verify_prompts as prompts
 from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
-                                     prompt_ids_at, skipped_result, trace_entry)
+                                     final_mask, prompt_ids_at, skipped_result, trace_entry)
 from ophsd_jax.harnesses.embedders import make_embedder
 from ophsd_jax.harnesses.memory_bank import MemoryBank
 
@@ -81,9 +81,10 @@ class DraftVerifyHarness:
             ids=[e["id"] for e in examples],
         )
 
-    def run(self, examples: list[dict], generate_chat) -> list[HarnessResult]:
+    def run(self, examples: list[dict], generate_chat, final: list[bool] | None = None) -> list[HarnessResult]:
+        final = final_mask(final, len(examples))
         if len(self.bank) < self.config.cold_start_threshold:
-            return self._cold_start(examples, generate_chat)
+            return self._cold_start(examples, generate_chat, final)
         cfg, task = self.config, self.task
         max_chars = cfg.max_example_chars or None
         query = self.bank.embed([task.case_text(e) for e in examples])
@@ -108,8 +109,12 @@ class DraftVerifyHarness:
             prompts.verify_messages(task, examples[i], draft_labels[i], c, x, max_chars)
             for i, c, x in zip(todo, confirm, challenge)
         ]
-        verify = call_model(generate_chat, self.name, "verify", verify_msgs, cfg, cfg.verify_max_tokens)
-        verdicts = verify.texts
+        sampled = [j for j, i in enumerate(todo) if final[i]]  # the others: verify messages only
+        verify = call_model(generate_chat, self.name, "verify", [verify_msgs[j] for j in sampled], cfg,
+                            cfg.verify_max_tokens)
+        verdicts, verify_ids = [None] * len(todo), [None] * len(todo)
+        for k, j in enumerate(sampled):
+            verdicts[j], verify_ids[j] = verify.texts[k], prompt_ids_at(verify, k)
 
         results = []
         verified = dict(zip(todo, range(len(todo))))
@@ -127,7 +132,7 @@ class DraftVerifyHarness:
                 continue
             j = verified[i]
             trace.append(trace_entry("verify", verify_msgs[j], verdicts[j]))
-            if verdicts[j] is None:
+            if final[i] and verdicts[j] is None:
                 results.append(skipped_result("verify", verify_msgs[j], trace))
                 continue
             info["confirm_ids"] = [h.id for h in confirm[j]]
@@ -135,18 +140,21 @@ class DraftVerifyHarness:
             n = len(confirm[j])
             material = _material(lambda hits, mc, e=examples[i], labels=draft_labels[i], n=n: prompts.verify_messages(
                 task, e, labels, hits[:n], hits[n:], mc), confirm[j] + challenge[j], max_chars)
-            results.append(HarnessResult(verify_msgs[j], verdicts[j], "full", trace, info,
-                                         prompt_ids_at(verify, j), material))
+            results.append(HarnessResult(verify_msgs[j], verdicts[j], "full", trace, info, verify_ids[j], material))
         return results
 
-    def _cold_start(self, examples, generate_chat) -> list[HarnessResult]:
+    def _cold_start(self, examples, generate_chat, final) -> list[HarnessResult]:
         msgs = [self.task.student_messages(e) for e in examples]
-        replies = call_model(generate_chat, self.name, "cold_start", msgs, self.config, self.config.draft_max_tokens)
+        sampled = [i for i in range(len(examples)) if final[i]]  # the others: the messages only
+        replies = call_model(generate_chat, self.name, "cold_start", [msgs[i] for i in sampled], self.config,
+                             self.config.draft_max_tokens)
+        texts, ids = [None] * len(msgs), [None] * len(msgs)
+        for k, i in enumerate(sampled):
+            texts[i], ids[i] = replies.texts[k], prompt_ids_at(replies, k)
         return [  # the student's own prompt: no inserted material
-            HarnessResult(m, r, "cold_start", [trace_entry("cold_start", m, r)],
-                          teacher_prompt_ids=prompt_ids_at(replies, i)) if r is not None
-            else skipped_result("cold_start", m, [trace_entry("cold_start", m, r)])
-            for i, (m, r) in enumerate(zip(msgs, replies.texts))
+            skipped_result("cold_start", m, [trace_entry("cold_start", m, r)]) if f and r is None
+            else HarnessResult(m, r, "cold_start", [trace_entry("cold_start", m, r)], teacher_prompt_ids=i)
+            for m, r, i, f in zip(msgs, texts, ids, final)
         ]
 
     def state_dict(self) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
-                                     prompt_ids_at, skipped_result, trace_entry)
+                                     final_mask, prompt_ids_at, skipped_result, trace_entry)
 
 
 @dataclasses.dataclass
@@ -41,7 +41,8 @@ class OPSDHarness:
         self.task = task
         self.config = config_from(OPSDConfig, config)
 
-    def run(self, examples: list[dict], generate_chat) -> list[HarnessResult]:
+    def run(self, examples: list[dict], generate_chat, final: list[bool] | None = None) -> list[HarnessResult]:
+        final = final_mask(final, len(examples))
         contexts, modes, materials = [], [], []
         for e in examples:
             solution = self.task.reference_solution(e)
@@ -52,23 +53,27 @@ class OPSDHarness:
             modes.append("opsd_answer_only" if answer_only else "opsd")
             materials.append(TeacherMaterial(
                 [reference], lambda t, s=student, a=answer_only: opsd_messages(s, t[0], a)))
-        # Without `generate` the teacher context is never sampled: no prompt ids.
-        replies = None
-        responses = [""] * len(examples)
+        # Without `generate` the teacher context is never sampled: no prompt ids; with it,
+        # only the examples in `final` are.
+        responses, ids = [""] * len(examples), [None] * len(examples)
         if self.config.generate:
-            replies = call_model(generate_chat, self.name, "solve", contexts, self.config, self.config.max_tokens)
-            responses = replies.texts
+            sampled = [i for i in range(len(examples)) if final[i]]
+            replies = call_model(generate_chat, self.name, "solve", [contexts[i] for i in sampled], self.config,
+                                 self.config.max_tokens)
+            responses = [None] * len(examples)
+            for k, i in enumerate(sampled):
+                responses[i], ids[i] = replies.texts[k], prompt_ids_at(replies, k)
         return [
-            skipped_result("solve", ctx, [trace_entry("solve", ctx, resp)]) if resp is None  # did not fit
+            skipped_result("solve", ctx, [trace_entry("solve", ctx, resp)]) if f and resp is None  # did not fit
             else HarnessResult(
                 teacher_messages=ctx,
                 final_response=resp,
                 mode=mode,
                 trace=[trace_entry("solve", ctx, resp)] if self.config.generate else [],
-                teacher_prompt_ids=None if replies is None else prompt_ids_at(replies, i),
+                teacher_prompt_ids=i,
                 teacher_material=material,
             )
-            for i, (ctx, resp, mode, material) in enumerate(zip(contexts, responses, modes, materials))
+            for ctx, resp, i, f, mode, material in zip(contexts, responses, ids, final, modes, materials)
         ]
 
     def observe(self, examples: list[dict]) -> None:

@@ -18,7 +18,7 @@ import dataclasses
 from ophsd_jax.data.parsing import strip_boxed_instruction, strip_thinking
 from ophsd_jax.harnesses import plan_solve_prompts as prompts
 from ophsd_jax.harnesses.base import (HarnessResult, SamplingConfig, TeacherMaterial, call_model, config_from,
-                                     prompt_ids_at, skipped_result, trace_entry)
+                                     final_mask, prompt_ids_at, skipped_result, trace_entry)
 
 
 @dataclasses.dataclass
@@ -41,8 +41,9 @@ class PlanSolveHarness:
             return "", ""
         return self.task.reference_answer(example), self.task.reference_solution(example)
 
-    def run(self, examples: list[dict], generate_chat) -> list[HarnessResult]:
+    def run(self, examples: list[dict], generate_chat, final: list[bool] | None = None) -> list[HarnessResult]:
         cfg = self.config
+        final = final_mask(final, len(examples))
         problems = [strip_boxed_instruction(self.task.problem_text(e)) for e in examples]
         refs = [self._references(e) for e in examples]
 
@@ -56,10 +57,11 @@ class PlanSolveHarness:
             else prompts.solve_only_messages(problems[i], refs[i][0])
             for i in todo
         }
-        solve = call_model(generate_chat, self.name, "solve", [solve_msgs[i] for i in todo], cfg,
+        solved = [i for i in todo if final[i]]  # the others: solve messages only, never sampled
+        solve = call_model(generate_chat, self.name, "solve", [solve_msgs[i] for i in solved], cfg,
                            cfg.solve_max_tokens)
-        solves = dict(zip(todo, solve.texts))
-        solve_ids = {i: prompt_ids_at(solve, j) for j, i in enumerate(todo)}
+        solves = {i: None for i in todo} | dict(zip(solved, solve.texts))
+        solve_ids = {i: prompt_ids_at(solve, j) for j, i in enumerate(solved)}
 
         results = []
         for i in range(len(examples)):
@@ -68,7 +70,7 @@ class PlanSolveHarness:
                 results.append(skipped_result("plan", plan_msgs[i], trace))
                 continue
             trace.append(trace_entry("solve", solve_msgs[i], solves[i]))
-            if solves[i] is None:
+            if final[i] and solves[i] is None:
                 results.append(skipped_result("solve", solve_msgs[i], trace))
                 continue
             results.append(HarnessResult(
@@ -77,7 +79,7 @@ class PlanSolveHarness:
                 mode="plan_solve" if clean_plans[i] else "solve_only",
                 trace=trace,
                 info={"plan": clean_plans[i]},
-                teacher_prompt_ids=solve_ids[i],
+                teacher_prompt_ids=solve_ids.get(i),
                 # The plan is the inserted material (the answer hint is a few tokens).
                 teacher_material=TeacherMaterial(
                     [clean_plans[i]], lambda t, p=problems[i], a=refs[i][0]: prompts.solve_messages(p, t[0], a),
