@@ -1,6 +1,8 @@
 """Sampler: greedy parity with transformers.generate (both layer loops), log-probs,
 filtering statistics, compile counts, and sharded generation."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -371,3 +373,85 @@ def test_generate_chats_equals_separate_chat_calls(model):
         assert out.tokens == alone.tokens and out.texts == alone.texts and out.skipped == alone.skipped
         assert all(len(t) <= request.max_new_tokens for t in out.tokens)
     assert joint[1].skipped == [False, True] and joint[1].texts[1] is None
+
+
+_RAGGED_REFS = {}
+
+
+def ragged_references(hf):
+    """(prompts, limits, transformers' greedy continuations): ragged prompts (1-23 tokens)
+    whose continuation has no near-tie, each generated alone (cached per model)."""
+    if id(hf) not in _RAGGED_REFS:
+        prompts, limits, refs = [], [], []
+        for i in range(30):
+            p, n = [(31 * i + 7 * j) % 290 + 3 for j in range(1 + (5 * i) % 23)], 2 + (7 * i) % 11
+            (ref,), scores = hf_greedy(hf, [p], n, stop=None)
+            top2 = torch.topk(scores[0, :len(ref)], 2, dim=-1).values
+            if (top2[:, 0] - top2[:, 1]).min().item() > 1e-2:
+                prompts, limits, refs = prompts + [p], limits + [n], refs + [ref]
+        assert len(prompts) >= 9 and len({len(p) for p in prompts}) >= 5  # > 2 x 4 slots, ragged
+        _RAGGED_REFS[id(hf)] = prompts, limits, refs
+    return _RAGGED_REFS[id(hf)]
+
+
+RAGGED = [[(31 * i + 7 * j) % 290 + 3 for j in range(1 + (5 * i) % 23)] for i in range(11)]  # 1..23 tokens
+
+
+@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
+def test_continuous_batching_matches_transformers_on_a_ragged_batch_larger_than_the_slots(model, layer_loop):
+    """Ragged prompts (1-23 tokens, more than twice the 4 decode slots), each with its own
+    length limit, and a stop token: every prompt gets transformers' greedy continuation (prompts generated
+    one at a time there), cut at its own limit or its first stop token."""
+    hf, cfg, graphdef, params = model
+    prompts, limits, refs = ragged_references(hf)
+    stop = collections.Counter(t for r in refs for t in set(r[:-1])).most_common(1)[0][0]  # ends rows early
+    # prompt buckets 8/16/32: refills of shorter buckets are written just before the generated slots
+    sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                      layer_loop=layer_loop, batching="continuous", prompt_buckets=(8, 16, 32))
+    out = sampler.generate(params, prompts, max_new_tokens=limits, rng=jax.random.key(0), temperature=0.0,
+                           stop_tokens=[stop])
+    expected = [r[: r.index(stop) + 1] if stop in r else r for r in refs]
+    assert out.tokens == expected and list(out.lengths) == [len(e) for e in expected]
+    assert sum(stop in r[:-1] for r in refs) >= 2  # the stop token did end rows early
+    static = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                     layer_loop=layer_loop, batching="static", prompt_buckets=(8, 16, 32))
+    ref = static.generate(params, prompts, max_new_tokens=limits, rng=jax.random.key(0), temperature=0.0,
+                          stop_tokens=[stop])
+    assert ref.tokens == out.tokens  # greedy: the static path's outputs, token for token
+    for a, b in zip(out.logprobs, ref.logprobs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=logprob_atol(cfg, graphdef, params, 12))
+
+
+def test_a_prompts_sample_does_not_depend_on_its_slot_or_neighbours(model):
+    """Sampling (T=1): with continuous batching, a prompt's tokens are those it gets alone,
+    and those it gets in another order (its own key moved with it), whichever slot it
+    lands in and whoever shares the batch."""
+    _, cfg, graphdef, params = model
+    mesh = parallel.single_device_mesh()
+    keys = jax.random.split(jax.random.key(5), len(RAGGED))
+    limits = [3 + (5 * i) % 9 for i in range(len(RAGGED))]
+    sampler = Sampler(cfg, graphdef, mesh, max_batch=4, show_progress=False, batching="continuous")
+    together = sampler.generate(params, RAGGED, max_new_tokens=limits, rng=keys, temperature=1.0)
+    order = [7, 2, 10, 0, 5, 9, 1, 4, 8, 3, 6]
+    shuffled = sampler.generate(params, [RAGGED[i] for i in order], max_new_tokens=[limits[i] for i in order],
+                                rng=keys[np.asarray(order)], temperature=1.0)
+    assert [shuffled.tokens[order.index(i)] for i in range(len(RAGGED))] == together.tokens
+    for i in (0, 6, 10):
+        alone = sampler.generate(params, [RAGGED[i]], max_new_tokens=limits[i], rng=keys[i:i + 1], temperature=1.0)
+        assert alone.tokens[0] == together.tokens[i]
+    assert len({tuple(t) for t in together.tokens}) > 5  # really sampled, not one constant row
+
+
+def test_continuous_batching_on_a_sharded_mesh_matches_one_device(model):
+    _, cfg, graphdef, params = model
+    limits = [2 + (7 * i) % 11 for i in range(len(RAGGED))]
+    single = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
+                     batching="continuous")
+    ref = single.generate(params, RAGGED, max_new_tokens=limits, rng=jax.random.key(0), temperature=0.0)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    placed = jax.device_put(params, S.param_shardings(params, mesh))
+    sharded = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="continuous")
+    out = sharded.generate(placed, RAGGED, max_new_tokens=limits, rng=jax.random.key(0), temperature=0.0)
+    assert out.tokens == ref.tokens
+    with pytest.raises(ValueError, match="batching"):
+        Sampler(cfg, graphdef, mesh, batching="dynamic")

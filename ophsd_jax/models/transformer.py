@@ -160,8 +160,9 @@ class Decoder(nnx.Module):
         else:
             valid = attn_mask
             k_slot = jnp.arange(attn_mask.shape[1])
-        q_slot = jnp.arange(T) + (0 if cache is None else cache_index)
-        mask = (q_slot[:, None] >= k_slot[None, :])[None] & valid.astype(bool)[:, None, :]  # [B, T, keys]
+        # cache_index: one slot for every row, or one per row ([B]: rows at different steps)
+        q_slot = jnp.arange(T)[None] + (0 if cache is None else jnp.reshape(cache_index, (-1, 1)))  # [1 or B, T]
+        mask = (q_slot[:, :, None] >= k_slot[None, None, :]) & valid.astype(bool)[:, None, :]  # [B, T, keys]
         cos, sin = rope_tables(cfg, positions)
         return x, mask, cos, sin
 
@@ -182,12 +183,21 @@ def _is_static_zero(index) -> bool:
 def _write_slots(buf, new, cache_index, layer=None, keys: bool = False):
     """Write new values [.., B, T, K, Dh] at slot `cache_index` of a cache buffer
     [.., B, K, S, Dh], or new keys into a key buffer [.., B, K, Dh, S] (keys=True);
-    stacked buffers: at `layer`."""
+    stacked buffers: at `layer`. `cache_index`: a scalar, or one slot per row [B]."""
     new = jnp.swapaxes(new, -3, -2).astype(buf.dtype)  # [.., B, K, T, Dh]
     if keys:
         new = jnp.swapaxes(new, -2, -1)  # [.., B, K, Dh, T]
-    at = (0, 0, 0, cache_index) if keys else (0, 0, cache_index, 0)
-    return jax.lax.dynamic_update_slice(buf, new, at if layer is None else (layer, *at))
+
+    if jnp.ndim(cache_index) == 0:
+        start = (0, 0, 0, cache_index) if keys else (0, 0, cache_index, 0)
+        return jax.lax.dynamic_update_slice(buf, new, start if layer is None else (layer, *start))
+
+    def row(b, n, i):  # one row: [L,] K, Dh, S (keys) or [L,] K, S, Dh
+        start = (0, 0, i) if keys else (0, i, 0)
+        return jax.lax.dynamic_update_slice(b, n, start if layer is None else (layer, *start))
+
+    axis = buf.ndim - 4  # the batch axis; per row (continuous batching) a scatter at each row's slot
+    return jax.vmap(row, in_axes=(axis, axis, 0), out_axes=axis)(buf, new, cache_index)
 
 
 def rms_norm(x, weight, eps):
