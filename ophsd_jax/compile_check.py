@@ -130,12 +130,13 @@ def device_bytes(tree) -> int:
     return total
 
 
-def abstract_params(cfg, mesh: Mesh, dtype=None):
-    """(graphdef, params as ShapeDtypeStructs with their training shardings)."""
+def abstract_params(cfg, mesh: Mesh, dtype=None, exclude: tuple[str, ...] = ()):
+    """(graphdef, params as ShapeDtypeStructs with their training shardings, or without
+    the mesh axes in `exclude`: ("fsdp",) is the sampling layout)."""
     from ophsd_jax.models import state as model_state
 
     graphdef, params = model_state.abstract_model(cfg)
-    shardings = model_state.param_shardings(params, mesh)
+    shardings = model_state.param_shardings(params, mesh, exclude)
     return graphdef, jax.tree.map(lambda a, sh: abstract(a.shape, dtype or a.dtype, sh), params, shardings)
 
 
@@ -258,6 +259,11 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # one row's raw key
     replicated = NamedSharding(mesh, P())
     seen = set()
+    # sampler.weights="decode": the sampler reads a model.dtype copy, not fsdp-sharded,
+    # beside the whole resident train state; "train": the training params themselves.
+    decode_layout = c.sampler.get("weights", "train") == "decode"
+    sample_params = abstract_params(cfg, mesh, c.model.dtype, ("fsdp",))[1] if decode_layout else params
+    sampler_resident = resident if (lora_on or decode_layout) else resident - device_bytes(params)
     for name, prompt_len, new, rows_settings in _generation_calls(c):
         top_ks = [k for k, _ in rows_settings]
         use_top_k, use_top_p = max(top_ks) > 0, min(p for _, p in rows_settings) < 1
@@ -273,16 +279,15 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
             mesh, ("batch",) + (None,) * len(shape), (Bs, *shape)))
         rows_sampling = RowSampling(row(jnp.uint32, *key_data.shape), row(jnp.float32), row(jnp.int32),
                                     row(jnp.float32), row(jnp.int32))
-        args = (params, abstract((Bs, prompt_len), jnp.int32, tok_sh), abstract((Bs, prompt_len), jnp.int32, tok_sh),
+        args = (sample_params, abstract((Bs, prompt_len), jnp.int32, tok_sh), abstract((Bs, prompt_len), jnp.int32, tok_sh),
                 rows_sampling, abstract((8,), jnp.int32, replicated), abstract((), jnp.int32, replicated))
         kw = dict(n_new_bucket=new, greedy=False, use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=cap)
         # The sampler reads the training params; the optimizer state and teacher stay resident.
-        # LoRA: it reads a merged copy of the weights (the argument), beside the whole train state and base.
+        # LoRA or the decode layout: it reads a copy (the argument), beside the whole train state.
         # Prefill + decode (`_start`); `_resume` runs the same decode loop on the donated
         # decode state without the prefill, so its peak is no higher.
         out.append(Program(f"generate_{name}[B={Bs},P={prompt_len},new={new}]",
-                           lambda args=args, kw=kw: sampler._start.lower(*args, **kw),
-                           resident - (0 if lora_on else device_bytes(params))))
+                           lambda args=args, kw=kw: sampler._start.lower(*args, **kw), sampler_resident))
     if programs:
         out = [p for p in out if _selected(p.name, programs)]
     return out

@@ -148,6 +148,13 @@ def base_config() -> mlc.ConfigDict:
     # Prompt tokens per prefill pass (rows are prefilled in groups up to this); 0 = auto:
     # 32768 on CPU, one pass on accelerators. Needs unsharded batch rows when set.
     c.sampler.prefill_tokens = 0
+    # auto: continuous batching (decode slots refilled as rows finish) for calls with more
+    # prompts than sampler.max_batch, static chunks otherwise; static | continuous: always.
+    c.sampler.batching = "auto"
+    # The weights the sampler reads: "train" = the training params as they are (fsdp-
+    # sharded: every decode step all-gathers each layer); "decode" = a model.dtype copy
+    # made once per step, not fsdp-sharded (more memory, no per-token weight gathers).
+    c.sampler.weights = "train"
 
     # ---- evaluation ---------------------------------------------------------------------
     c.eval = mlc.ConfigDict()
@@ -172,6 +179,8 @@ _CHOICES = {
     "task": ("math", "lawbench", "uspto"),
     "data.on_error": ("raise", "skip"),
     "harness.name": ("", "plan_solve", "draft_verify", "opsd"),
+    "sampler.batching": ("auto", "static", "continuous"),
+    "sampler.weights": ("train", "decode"),
     "distill.kind": ("reverse_kl", "forward_kl", "jsd"),
     "distill.teacher": ("initial", "current"),
     "distill.teacher_overflow": ("skip", "shorten"),

@@ -105,9 +105,11 @@ def single_device_mesh() -> Mesh:
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
-    """Map logical axis names to a PartitionSpec; drop mesh axes that don't divide the dim."""
-    used: set[str] = set()
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    exclude: Sequence[str] = ()) -> P:
+    """Map logical axis names to a PartitionSpec; drop mesh axes that don't divide the dim
+    (and the mesh axes in `exclude`: e.g. the sampling layout's weights are not fsdp-sharded)."""
+    used: set[str] = set(exclude)
     out = []
     for i, name in enumerate(names):
         axes = RULES.get(name) if name is not None else None
@@ -124,8 +126,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
     return P(*out)
 
 
-def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None,
+                   exclude: Sequence[str] = ()) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, exclude))
 
 
 # ---- activation constraints -----------------------------------------------------------

@@ -27,6 +27,7 @@ from ophsd_jax.distill.step import (TrainStep, init_train_state, learning_rate_s
 from ophsd_jax.evaluate import evaluate, write_eval
 from ophsd_jax.metrics import MetricsWriter, PhaseTimer, logged_steps, progress_bar, scalars
 from ophsd_jax.models import lora as lora_lib
+from ophsd_jax.models import state as model_state
 
 log = logging.getLogger("ophsd_jax.train")
 
@@ -97,6 +98,7 @@ class Run:
         self.lora = runtime.lora_config(c)
         trained, self.teacher_params = runtime.trainable_params(c, self.model_cfg, params, self.mesh)
         self._merge = lora_lib.make_merge(params) if self.lora else None
+        self._decode_layout = None  # built on first use (sampler.weights="decode")
         self.state = init_train_state(trained, self.optimizer, self.mesh)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                       async_save=c.train.async_checkpoints)
@@ -134,11 +136,17 @@ class Run:
         return self
 
     def sample_params(self):
-        """The weights the sampler generates with: the training params, or with LoRA the
-        base + adapter merged into one copy (call once per step; see docs/benchmarks.md)."""
-        if self.lora is None:
-            return self.state.params
-        return self._merge(self.teacher_params, self.state.params, self.lora.scale)
+        """The weights the sampler generates with (call once per step, after the update;
+        drop the result after generation): the training params, or with LoRA the base +
+        adapter merged into one copy (docs/benchmarks.md); with sampler.weights="decode"
+        then as a compute-dtype copy in the sampling layout (not fsdp-sharded)."""
+        params = self.state.params if self.lora is None else \
+            self._merge(self.teacher_params, self.state.params, self.lora.scale)
+        if self.config.sampler.get("weights", "train") == "train":
+            return params
+        if self._decode_layout is None:
+            self._decode_layout = model_state.decode_layout(params, self.mesh, self.config.model.dtype)
+        return self._decode_layout(params)
 
     # ---- checkpoints -------------------------------------------------------------------
 

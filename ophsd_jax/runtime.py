@@ -54,7 +54,7 @@ def load_model(c: mlc.ConfigDict, mesh):
 
 def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok, max_batch: int | None = None) -> Sampler:
     # The config.json of a run from before these keys existed: the Sampler's defaults.
-    newer = {k: c.sampler[k] for k in ("decode_segment", "prefill_tokens") if k in c.sampler}
+    newer = {k: c.sampler[k] for k in ("decode_segment", "prefill_tokens", "batching") if k in c.sampler}
     return Sampler(cfg, graphdef, mesh, max_batch=max_batch or c.sampler.max_batch,
                    prompt_buckets=c.sampler.prompt_buckets,
                    new_token_buckets=c.sampler.new_token_buckets, pad_id=tok.pad_token_id,

@@ -31,12 +31,13 @@ def _is_var(x):
     return isinstance(x, nnx.Variable)
 
 
-def param_shardings(abstract_params, mesh: Mesh):
-    """A tree like `abstract_params` holding each parameter's NamedSharding."""
+def param_shardings(abstract_params, mesh: Mesh, exclude: tuple[str, ...] = ()):
+    """A tree like `abstract_params` holding each parameter's NamedSharding (`exclude`:
+    mesh axes not to shard over, e.g. ("fsdp",) for the sampling layout)."""
 
     def one(var):
         axes = var.get_metadata().get("axes", (None,) * var.get_value().ndim)
-        return var.replace(parallel.named_sharding(mesh, axes, var.get_value().shape))
+        return var.replace(parallel.named_sharding(mesh, axes, var.get_value().shape, exclude))
 
     return jax.tree.map(one, abstract_params, is_leaf=_is_var)
 
@@ -91,6 +92,16 @@ def _set_path(tree: dict, keys: list[str], value):
 def host_params(params) -> dict[str, np.ndarray]:
     """Gather every parameter to host numpy, keyed by flat name (for export)."""
     return {name: parallel.to_host(var.get_value()) for name, var in flat_names(params).items()}
+
+
+def decode_layout(params, mesh: Mesh, dtype):
+    """A function params -> the sampling layout's copy of them: in compute `dtype`, and not
+    sharded over fsdp (tensor-axis sharding kept, the rest replicated), so decoding reads
+    each weight where it is instead of all-gathering every layer at every token. Jitted;
+    the copy's shardings are fixed by `params`' tree (concrete or abstract)."""
+    dtype = as_dtype(dtype)
+    out = param_shardings(params, mesh, exclude=("fsdp",))
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=out)
 
 
 def cast_params(params, dtype):
