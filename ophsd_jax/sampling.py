@@ -396,7 +396,7 @@ class Sampler:
         state = self._slots_init(batch=S * count, prompt_len=P, n_new=n_new, key_shape=rows.keys.shape[1:])
         owner = [-1] * S  # the prompt each slot is generating, -1: free
         queue = collections.deque(range(len(prompts)))
-        refill_at = max(1, S * count // 8)  # free slots (all processes) worth a refill while prompts wait
+        refill_at = max(1, S * count // 4)  # free slots (all processes) worth a refill while prompts wait
         while True:
             free = [s for s in range(S) if owner[s] < 0]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
