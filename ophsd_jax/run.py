@@ -241,11 +241,13 @@ class Run:
 
     def final_rows(self, n: int) -> list[bool]:
         """Which of this process's `n` examples get the harness's final response: all with
-        reward weighting (it weights by that response's reward), else the first
-        ceil(n * harness.reward_fraction) (the batch is shuffled: a random sample)."""
+        reward weighting (it weights by that response's reward), else the batch's first
+        ceil(batch * harness.reward_fraction) rows (the batch is shuffled: a random sample;
+        counted over every process's equal share, so any process count picks the same rows)."""
         c = self.config
-        most = n if c.distill.reward_weight_beta > 0 else math.ceil(n * c.harness.reward_fraction)
-        return [i < most for i in range(n)]
+        first, total = self.share[0] * n, self.share[1] * n
+        most = total if c.distill.reward_weight_beta > 0 else math.ceil(total * c.harness.reward_fraction)
+        return [first + i < most for i in range(n)]
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
         task = self.data.task

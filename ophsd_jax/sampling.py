@@ -396,7 +396,7 @@ class Sampler:
         state = self._slots_init(batch=S * count, prompt_len=P, n_new=n_new, key_shape=rows.keys.shape[1:])
         owner = [-1] * S  # the prompt each slot is generating, -1: free
         queue = collections.deque(range(len(prompts)))
-        refill_at = max(1, S * count // 4)  # free slots (all processes) worth a refill while prompts wait
+        refill_at = max(1, S // 4)  # free slots (of one process) worth a refill while it has prompts waiting
         while True:
             free = [s for s in range(S) if owner[s] < 0]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
@@ -424,8 +424,11 @@ class Sampler:
             if not active and not waiting:
                 return
             self._poll()
-            want = refill_at if waiting else S * count + 1  # prompts wait: stop once enough slots are free
-            state = self._segment(params, state, stop, np.int32(self.decode_segment), np.int32(want),
+            # A process with prompts waiting stops the segment once enough of its own slots are free.
+            waits = np.full((S,), bool(queue))
+            waits = parallel.from_process_rows(waits, parallel.named_sharding(self.mesh, ("batch",), (S * count,)),
+                                               self.share)
+            state = self._segment(params, state, stop, np.int32(self.decode_segment), waits, np.int32(refill_at),
                                   **{k_: v for k_, v in statics.items() if k_ != "n_new_bucket"})
             t, done = (parallel.process_rows(x, self.share) for x in (state.t, state.done))
             finished = [s for s in range(S) if owner[s] >= 0 and done[s]]
@@ -490,10 +493,12 @@ class Sampler:
                              put(state.pos, positions[:, -1] + 1),
                              RowSampling(*(put(a, b) for a, b in zip(state.rows, new))))
 
-    def _segment_fn(self, params, state: "SlotState", stop, segment, want, *, greedy: bool, use_top_k: bool,
-                    use_top_p: bool, top_k_cap: int) -> "SlotState":
+    def _segment_fn(self, params, state: "SlotState", stop, segment, waits, want, *, greedy: bool,
+                    use_top_k: bool, use_top_p: bool, top_k_cap: int) -> "SlotState":
         """Decode steps, each row at its own position, until every row is done, `segment`
-        steps, or `want` rows are done (free slots to refill)."""
+        steps, or a process whose rows `waits` (it has prompts waiting) has `want` of its
+        rows done (free slots to refill). Rows are in process order, `max_batch / processes`
+        each."""
         self.trace_count += 1
         with parallel.activation_mesh(self.mesh):
             model = nnx.merge(self.graphdef, params)
@@ -503,9 +508,12 @@ class Sampler:
             rows = state.rows
             ar = jnp.arange(B)
 
+            count = self.share[1]
+
             def cond(carry):
                 n, _, _, _, _, _, done, _ = carry
-                return (n < segment) & ~jnp.all(done) & (jnp.sum(done) < want)
+                free = jnp.sum((done & waits).reshape(count, B // count), axis=1)  # per process
+                return (n < segment) & ~jnp.all(done) & ~jnp.any(free >= want)
 
             def body(carry):
                 n, cache, kv_mask, out_tok, out_lp, t, done, pos = carry

@@ -48,11 +48,14 @@ if [ "$SHORT" = 1 ]; then
   run train_step 300 "$PY" -m ophsd_jax.benchmarks.train_step --batch 2 --student-prompt 32 --teacher-prompt 64 \
     --response 32 --repeats 1 --skip-torch
   run sampler 300 "$PY" -m ophsd_jax.benchmarks.sampler --batch 2 --prompt 16 --new 8 --repeats 1 --skip-hf
+  run batching 300 "$PY" -m ophsd_jax.benchmarks.batching --prompts 4 --slots 2 --every 2 --short 4 --long 16 \
+    --repeats 1
 else
   run model_parity 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_model_parity.py
   run attention 120 "$PY" -m ophsd_jax.benchmarks.attention --length 8192 --batch 2 --impls auto,blockwise
   run train_step 150 "$PY" -m ophsd_jax.benchmarks.train_step --batch 16 --dtype bfloat16 --micro-batches 1
   run sampler 120 "$PY" -m ophsd_jax.benchmarks.sampler --batch 32 --prompt 512 --new 256
+  run batching 120 "$PY" -m ophsd_jax.benchmarks.batching --prompts 64 --slots 16 --short 64 --long 512
 fi
 echo "== results: $J"
 cat "$J"
