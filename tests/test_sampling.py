@@ -397,7 +397,7 @@ def ragged_references(hf):
 RAGGED = [[(31 * i + 7 * j) % 290 + 3 for j in range(1 + (5 * i) % 23)] for i in range(11)]  # 1..23 tokens
 
 
-@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
+@pytest.mark.parametrize("layer_loop", ["unrolled", pytest.param("scan", marks=pytest.mark.slow)])
 def test_continuous_batching_matches_transformers_on_a_ragged_batch_larger_than_the_slots(model, layer_loop):
     """Ragged prompts (1-23 tokens, more than twice the 4 decode slots), each with its own
     length limit, and a stop token: every prompt gets transformers' greedy continuation (prompts generated
@@ -442,6 +442,7 @@ def test_a_prompts_sample_does_not_depend_on_its_slot_or_neighbours(model):
     assert len({tuple(t) for t in together.tokens}) > 5  # really sampled, not one constant row
 
 
+@pytest.mark.slow  # (CI time) the two-process slow test also runs continuous batching over shards
 def test_continuous_batching_on_a_sharded_mesh_matches_one_device(model):
     _, cfg, graphdef, params = model
     limits = [2 + (7 * i) % 11 for i in range(len(RAGGED))]
