@@ -182,6 +182,11 @@ class DecodeState(NamedTuple):
     pos: jax.Array
 
 
+def _rows_constrain(x):
+    """Keep x's leading (batch-row) axis sharded like the batch."""
+    return parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 class SlotState(NamedTuple):
     """Continuous batching: the decode slots between programs (rows sharded like the batch)."""
     cache: KVCache
@@ -393,6 +398,7 @@ class Sampler:
         S = self.max_batch // count  # this process's slots
         P = bucket(longest, self.prompt_buckets, "prompt length")
         n_new = statics["n_new_bucket"]
+        per_call = {k: v for k, v in statics.items() if k != "n_new_bucket"}  # the slot state fixes n_new
         state = self._slots_init(batch=S * count, prompt_len=P, n_new=n_new, key_shape=rows.keys.shape[1:])
         owner = [-1] * S  # the prompt each slot is generating, -1: free
         queue = collections.deque(range(len(prompts)))
@@ -420,7 +426,7 @@ class Sampler:
                 self._poll()
                 state = self._refill(params, state, put(toks), put(mask), put(slots),
                                      RowSampling(*(put(x) for x in new)), stop,
-                                     **{k_: v for k_, v in statics.items() if k_ != "n_new_bucket"})
+                                     **per_call)
             if not active and not waiting:
                 return
             self._poll()
@@ -429,7 +435,7 @@ class Sampler:
             waits = parallel.from_process_rows(waits, parallel.named_sharding(self.mesh, ("batch",), (S * count,)),
                                                self.share)
             state = self._segment(params, state, stop, np.int32(self.decode_segment), waits, np.int32(refill_at),
-                                  **{k_: v for k_, v in statics.items() if k_ != "n_new_bucket"})
+                                  **per_call)
             t, done = (parallel.process_rows(x, self.share) for x in (state.t, state.done))
             finished = [s for s in range(S) if owner[s] >= 0 and done[s]]
             if finished:
@@ -446,15 +452,15 @@ class Sampler:
         """Every slot free (done) and empty."""
         self.trace_count += 1
         with parallel.activation_mesh(self.mesh):
-            rows_c = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
             per_layer = self.layer_loop == "unrolled"
             S = prompt_len + n_new
-            return SlotState(self._empty_cache(batch, S, per_layer), rows_c(jnp.zeros((batch, S), jnp.int32)),
-                             rows_c(jnp.zeros((batch, n_new), jnp.int32)), rows_c(jnp.zeros((batch, n_new), jnp.float32)),
-                             rows_c(jnp.zeros((batch,), jnp.int32)), rows_c(jnp.ones((batch,), bool)),
-                             rows_c(jnp.zeros((batch,), jnp.int32)),
-                             RowSampling(rows_c(jnp.zeros((batch, *key_shape), jnp.uint32)),
-                                         *(rows_c(jnp.full((batch,), v, d)) for v, d in
+            rows = _rows_constrain
+            zeros = lambda shape, dtype: rows(jnp.zeros(shape, dtype))  # noqa: E731
+            return SlotState(self._empty_cache(batch, S, per_layer), zeros((batch, S), jnp.int32),
+                             zeros((batch, n_new), jnp.int32), zeros((batch, n_new), jnp.float32),
+                             zeros((batch,), jnp.int32), rows(jnp.ones((batch,), bool)), zeros((batch,), jnp.int32),
+                             RowSampling(zeros((batch, *key_shape), jnp.uint32),
+                                         *(rows(jnp.full((batch,), v, d)) for v, d in
                                            ((0, jnp.float32), (0, jnp.int32), (1, jnp.float32), (1, jnp.int32)))))
 
     def _refill_fn(self, params, state: "SlotState", prompt, prompt_mask, slots, new: RowSampling, stop, *,
@@ -535,8 +541,7 @@ class Sampler:
             carry = (jnp.int32(0), state.cache, state.kv_mask, state.out_tok, state.out_lp, state.t, state.done,
                      state.pos)
             _, cache, kv_mask, out_tok, out_lp, t, done, pos = jax.lax.while_loop(cond, body, carry)
-            rows_c = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
-            return SlotState(cache, *(rows_c(x) for x in (kv_mask, out_tok, out_lp, t, done, pos)), rows)
+            return SlotState(cache, *(_rows_constrain(x) for x in (kv_mask, out_tok, out_lp, t, done, pos)), rows)
 
     def _start_chunk(self, params, prompt, prompt_mask, rows: RowSampling, stop, segment, *, n_new_bucket: int,
                      greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int):
@@ -623,8 +628,7 @@ class Sampler:
 
         carry = (state.step, state.cache, state.kv_mask, state.out_tok, state.out_lp, state.done, state.pos)
         step, cache, kv_mask, out_tok, out_lp, done, pos = jax.lax.while_loop(cond, body, carry)
-        rows_c = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
-        state = DecodeState(step, cache, rows_c(kv_mask), rows_c(out_tok), rows_c(out_lp), rows_c(done), rows_c(pos))
+        state = DecodeState(step, cache, _rows_constrain(kv_mask), _rows_constrain(out_tok), _rows_constrain(out_lp), _rows_constrain(done), _rows_constrain(pos))
         return state, (step >= jnp.max(rows.limit)) | jnp.all(done)
 
     def _empty_cache(self, batch: int, slots: int, per_layer: bool) -> KVCache:
