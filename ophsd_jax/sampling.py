@@ -628,7 +628,8 @@ class Sampler:
 
         carry = (state.step, state.cache, state.kv_mask, state.out_tok, state.out_lp, state.done, state.pos)
         step, cache, kv_mask, out_tok, out_lp, done, pos = jax.lax.while_loop(cond, body, carry)
-        state = DecodeState(step, cache, _rows_constrain(kv_mask), _rows_constrain(out_tok), _rows_constrain(out_lp), _rows_constrain(done), _rows_constrain(pos))
+        c = _rows_constrain
+        state = DecodeState(step, cache, c(kv_mask), c(out_tok), c(out_lp), c(done), c(pos))
         return state, (step >= jnp.max(rows.limit)) | jnp.all(done)
 
     def _empty_cache(self, batch: int, slots: int, per_layer: bool) -> KVCache:
