@@ -42,6 +42,12 @@ class CheckpointManager:
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler(),
             "arrays": ocp.PyTreeCheckpointHandler()})
+        # Orbax removes unfinished saves' temp dirs in a background thread. Waited for here:
+        # a run that fails early would otherwise leave it running, and at interpreter exit it
+        # dies with a traceback under the run's one-line error.
+        await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())

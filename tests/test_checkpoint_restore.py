@@ -117,3 +117,31 @@ def test_an_unreadable_newest_checkpoint_falls_back(saved_run, tmp_path, caplog)
     assert step == 1 and "checkpoint %s/2 is unreadable" % directory in caplog.text
     for got, want in zip(host(state), host(saved_run[1])):
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_temp_dir_cleanup_is_done_when_the_manager_exists(tmp_path, monkeypatch):
+    """Orbax cleans up unfinished saves in a background thread; left running when a run
+    fails early, it died at interpreter exit with a traceback under the one-line error.
+    A slow cleanup must have finished (and removed the unfinished save) by the time the
+    manager is made."""
+    import asyncio
+
+    from orbax.checkpoint._src.path import temporary_paths
+
+    real = temporary_paths.cleanup_temporary_paths
+    done = []
+
+    async def slow_cleanup(*args, **kwargs):
+        await asyncio.sleep(1.0)
+        await real(*args, **kwargs)
+        done.append(True)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+    unfinished = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+    unfinished.mkdir(parents=True)
+    manager = CheckpointManager(str(tmp_path / "checkpoints"))
+    try:
+        assert done == [True]
+        assert not unfinished.exists()
+    finally:
+        manager.close()
