@@ -56,3 +56,36 @@ def test_tokenizer_from_gguf(smollm):
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tok.encode("<|im_end|>") == [tok.eos_token_id]  # special tokens are atomic
     assert tok.token_id("<|im_end|>") in tok.stop_token_ids
+
+
+def test_gguf_file_reads_what_the_gguf_package_reads():
+    """Our direct GGUF reader (gguf_file) against the gguf package's GGUFReader on the bundled
+    file: every metadata value and every tensor's name, shape, type and bytes."""
+    import gguf
+
+    from ophsd_jax.models import gguf_file
+
+    path = bundled.bundled_gguf_path()
+    fields, entries = gguf_file.read(path)
+    ref = gguf.GGUFReader(path)
+    expected = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert fields == expected
+    assert [t.name for t in entries] == [t.name for t in ref.tensors]
+    for ours, theirs in zip(entries, ref.tensors):
+        assert ours.shape == tuple(reversed(theirs.shape.tolist())), ours.name
+        assert ours.ggml_type == int(theirs.tensor_type), ours.name
+        np.testing.assert_array_equal(ours.data, theirs.data, err_msg=ours.name)
+
+
+def test_gguf_file_errors_name_the_file(tmp_path):
+    from ophsd_jax.models import gguf_file
+
+    path = bundled.bundled_gguf_path()
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"GGML" + open(path, "rb").read(60)[4:])
+    with pytest.raises(gguf_file.GGUFFormatError, match="not a GGUF file"):
+        gguf_file.read(str(bad))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(open(path, "rb").read(4096))  # the header ends inside the vocabulary
+    with pytest.raises(gguf_file.GGUFFormatError, match=f"{cut}: truncated"):
+        gguf_file.read(str(cut))

@@ -4,14 +4,17 @@ rollout or evaluation (abandoned at once; the resumed run is bitwise the uninter
 one), a truncated checkpoint, an incompatible one (an error, the work dir untouched), a
 resume on another device count, and one-line errors."""
 
+import atexit
 import glob
 import hashlib
 import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -22,6 +25,11 @@ import tolerances as tol
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 STOP_DRIVER = os.path.join(ROOT, "tests", "stop_driver.py")
+# One XLA compilation cache for the test session's training runs: each run would otherwise
+# spend about half its time compiling the same programs again. (`finished_run` keeps the
+# default cache in its work dir, which one test checks.)
+SHARED_CACHE = tempfile.mkdtemp(prefix="ophsd_test_xla_cache_")
+atexit.register(shutil.rmtree, SHARED_CACHE, ignore_errors=True)
 METRIC_KEYS = ("loss", "grad_norm", "student_entropy", "tokens", "skipped_updates", "rollout/reward",
                "harness/reward", "lr", "tokens_per_s", "time/generate_s", "time/update_s",
                "time/generate_share", "batch/skipped", "harness/mode_plan_solve")
@@ -44,8 +52,9 @@ def cli(module, *args, check=True, **kw):
     return proc
 
 
-def train_args(workdir, *extra):
-    return ("--config", TINY, "--workdir", str(workdir), *extra)
+def train_args(workdir, *extra, shared_cache=True):
+    cache = (f"--config.train.compilation_cache_dir={SHARED_CACHE}",) if shared_cache else ()
+    return ("--config", TINY, "--workdir", str(workdir), *cache, *extra)
 
 
 def read_metrics(workdir):
@@ -65,7 +74,7 @@ def final_params(workdir, step):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny")
-    proc = cli("ophsd_jax.train", *train_args(workdir, "--config.train.save_every=1"))
+    proc = cli("ophsd_jax.train", *train_args(workdir, "--config.train.save_every=1", shared_cache=False))
     return workdir, proc
 
 

@@ -9,13 +9,13 @@ unrelated dependencies).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import numpy as np
 from jax.sharding import Mesh
 
+from ophsd_jax.models import gguf_file
 from ophsd_jax.models import state as model_state
 from ophsd_jax.models.config import ModelConfig
 from ophsd_jax.models.tokenizer import Tokenizer
@@ -68,24 +68,22 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@functools.lru_cache(maxsize=2)
 def read_gguf(path: str):
     """(hf_config dict, {hf_name: float32 array}, metadata fields) from a llama GGUF file."""
-    import gguf  # local: only needed for the bundled model
+    import gguf  # local: only needed for the bundled model (dequantization)
 
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - gguf raises assorted errors on bad files
+        fields, entries = gguf_file.read(path)
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-    fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (only llama)")
     a = lambda key: fields[f"llama.{key}"]  # noqa: E731
     n_heads, n_kv = a("attention.head_count"), a("attention.head_count_kv")
     tensors = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    for t in entries:
+        w = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.ggml_type)).astype(np.float32)
         name = _hf_name(t.name)
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_heads)
@@ -123,8 +121,9 @@ def load_bundled(mesh: Mesh, path: str | None = None, **config_overrides):
 
 def load_bundled_tokenizer(path: str | None = None) -> Tokenizer:
     """Only the tokenizer (no weights are dequantized)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path or bundled_gguf_path())
-    return Tokenizer.from_gguf_fields({k: f.contents() for k, f in reader.fields.items()
-                                       if k.startswith("tokenizer.")})
+    path = path or bundled_gguf_path()
+    try:
+        fields, _ = gguf_file.read(path, tensors=False)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    return Tokenizer.from_gguf_fields({k: v for k, v in fields.items() if k.startswith("tokenizer.")})
