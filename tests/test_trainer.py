@@ -27,7 +27,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 STOP_DRIVER = os.path.join(ROOT, "tests", "stop_driver.py")
 # One XLA compilation cache for the test session's training runs: each run would otherwise
 # spend about half its time compiling the same programs again. (`finished_run` keeps the
-# default cache in its work dir, which one test checks.)
+# default cache in its work dir, which one test checks, and copies it here.)
 SHARED_CACHE = tempfile.mkdtemp(prefix="ophsd_test_xla_cache_")
 atexit.register(shutil.rmtree, SHARED_CACHE, ignore_errors=True)
 METRIC_KEYS = ("loss", "grad_norm", "student_entropy", "tokens", "skipped_updates", "rollout/reward",
@@ -67,7 +67,8 @@ def final_params(workdir, step):
     from safetensors.numpy import load_file
 
     out = os.path.join(workdir, f"export_{step}")
-    cli("ophsd_jax.export", "--workdir", str(workdir), "--step", str(step), "--out", out)
+    if not os.path.exists(os.path.join(out, "model.safetensors")):  # (the shared reference run: once)
+        cli("ophsd_jax.export", "--workdir", str(workdir), "--step", str(step), "--out", out)
     return load_file(os.path.join(out, "model.safetensors"))
 
 
@@ -75,6 +76,7 @@ def final_params(workdir, step):
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny")
     proc = cli("ophsd_jax.train", *train_args(workdir, "--config.train.save_every=1", shared_cache=False))
+    shutil.copytree(workdir / "xla_cache", SHARED_CACHE, dirs_exist_ok=True)  # the other runs start warm
     return workdir, proc
 
 

@@ -10,7 +10,8 @@ XLA:CPU made the plain form slow (docs/benchmarks.md has the measurements):
 - a lone matrix-vector product runs on one thread: `wo` and `w_down` as column blocks
   are independent products both threads run (`dense`);
 - with tied embeddings, logits as a multiply-reduce over the [V, D] table run ~1.4x
-  faster than a dot against its transpose (`decode_logits`);
+  faster than a dot against its transpose for 2+ rows (for one row far slower: there
+  `decode_logits` takes the dot);
 - left to autodiff, the SwiGLU backward was emitted with transposed gate/up gradients
   fused into the silu derivative (`swiglu_mlp`).
 """
@@ -104,7 +105,9 @@ def forward_layers(model, layers: list[dict], tokens, positions, attn_mask, cach
 def decode_logits(model, hidden: jax.Array) -> jax.Array:
     """fp32 logits [B, V] for a few rows hidden [B, D]; tied embeddings as a
     multiply-reduce over the table (do not use on large batches or accelerators)."""
-    if not model.config.tie_word_embeddings:
+    if not model.config.tie_word_embeddings or hidden.shape[0] == 1:
+        # One row: XLA:CPU runs the [V, 1, D] multiply-reduce ~100x slower than the dot
+        # (360 ms vs 2.5 ms per token for SmolLM2, docs/benchmarks.md)
         return model.logits(hidden)
     w = model.embed[...].astype(hidden.dtype)
     prod = w[:, None, :].astype(jnp.float32) * hidden[None].astype(jnp.float32)
