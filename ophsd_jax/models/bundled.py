@@ -68,14 +68,18 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _read(path: str, tensors: bool = True):
+    try:
+        return gguf_file.read(path, tensors=tensors)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+
+
 def read_gguf(path: str):
     """(hf_config dict, {hf_name: float32 array}, metadata fields) from a llama GGUF file."""
     import gguf  # local: only needed for the bundled model (dequantization)
 
-    try:
-        fields, entries = gguf_file.read(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    fields, entries = _read(path)
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (only llama)")
@@ -121,9 +125,5 @@ def load_bundled(mesh: Mesh, path: str | None = None, **config_overrides):
 
 def load_bundled_tokenizer(path: str | None = None) -> Tokenizer:
     """Only the tokenizer (no weights are dequantized)."""
-    path = path or bundled_gguf_path()
-    try:
-        fields, _ = gguf_file.read(path, tensors=False)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    fields, _ = _read(path or bundled_gguf_path(), tensors=False)
     return Tokenizer.from_gguf_fields({k: v for k, v in fields.items() if k.startswith("tokenizer.")})

@@ -16,10 +16,9 @@ import struct
 import numpy as np
 
 MAGIC = b"GGUF"
-# value type -> struct format (scalars); 8 = string, 9 = array
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-          12: "<f8"}
+# numeric value types -> numpy dtype (8 = string, 9 = array)
+_NUMERIC = {k: np.dtype(v) for k, v in {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
+                                         7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +41,9 @@ class _Cursor:
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.buf):
             raise GGUFFormatError(f"{self.path}: truncated GGUF header at byte {self.pos}")
-        value = struct.unpack_from(fmt, self.buf, self.pos)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += size
-        return value[0] if len(value) == 1 else value
+        return value
 
     def string(self) -> str:
         n = self.take("<Q")
@@ -54,20 +53,22 @@ class _Cursor:
         self.pos += n
         return s
 
+    def numbers(self, dtype: np.dtype, n: int) -> list:
+        if self.pos + n * dtype.itemsize > len(self.buf):
+            raise GGUFFormatError(f"{self.path}: truncated GGUF value at byte {self.pos}")
+        out = np.frombuffer(self.buf, dtype, count=n, offset=self.pos).tolist()
+        self.pos += n * dtype.itemsize
+        return out
+
     def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.take(_SCALARS[vtype])
+        if vtype in _NUMERIC:
+            return self.numbers(_NUMERIC[vtype], 1)[0]
         if vtype == 8:
             return self.string()
         if vtype == 9:
             item, n = self.take("<I"), self.take("<Q")
-            if item in _NUMPY:  # numeric arrays in one read
-                dtype = np.dtype(_NUMPY[item])
-                if self.pos + n * dtype.itemsize > len(self.buf):
-                    raise GGUFFormatError(f"{self.path}: truncated GGUF array at byte {self.pos}")
-                out = np.frombuffer(self.buf, dtype, count=n, offset=self.pos)
-                self.pos += n * dtype.itemsize
-                return out.tolist()
+            if item in _NUMERIC:  # numeric arrays in one read
+                return self.numbers(_NUMERIC[item], n)
             return [self.value(item) for _ in range(n)]
         raise GGUFFormatError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
