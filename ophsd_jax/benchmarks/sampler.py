@@ -1,6 +1,9 @@
-"""Sampler benchmark: ours vs transformers.generate on the bundled SmolLM2-135M (CPU).
+"""Sampler benchmark: ours vs transformers.generate on the bundled SmolLM2-135M.
 
-    python -m ophsd_jax.benchmarks.sampler [--batch 8 --prompt 128 --new 128]
+    python -m ophsd_jax.benchmarks.sampler [--batch 8 --prompt 128 --new 128 --weights bundled|random]
+
+On a GPU both sides run on it; `--weights random` (same architecture, random weights)
+serves machines without the bundled package.
 
 Both sides: same dequantized weights, same batch, greedy, exactly `--new` tokens (no
 stop tokens), timed the same way: generating 1 token (= prefill) and `--new` tokens,
@@ -29,8 +32,9 @@ import numpy as np
 from flax import nnx
 
 from ophsd_jax import parallel
-from ophsd_jax.benchmarks.common import best_read_bandwidth, best_time, cpu_model, emit
-from ophsd_jax.models import bundled, cpu, transformer
+from ophsd_jax.benchmarks.common import WEIGHTS, best_read_bandwidth, best_time, cpu_model, emit, load_model
+from ophsd_jax.models import cpu, transformer
+from ophsd_jax.models.weights import to_hf_tensors
 from ophsd_jax.models.config import as_dtype
 from ophsd_jax.sampling import Sampler, filter_logits, top_k_cap
 
@@ -56,26 +60,32 @@ def bench_ours(cfg, graphdef, params, prompts, new, repeats):
     return best_time(lambda: run(1), repeats), best_time(lambda: run(new), repeats), tokens, sampler.trace_count
 
 
-def bench_hf(param_dtype, prompts, new, repeats):
-    """(prefill seconds, total seconds, generated tokens) for transformers.generate."""
+def bench_hf(cfg, params, param_dtype, prompts, new, repeats):
+    """(prefill seconds, total seconds, generated tokens) for transformers.generate, on
+    our weights (`params`) in transformers' names; on the GPU when ours runs on one."""
     import torch
     import transformers
 
-    hf_cfg, weights, _ = bundled.read_gguf(bundled.bundled_gguf_path())
+    hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("torch_dtype", "dtype")}
+    tensors = to_hf_tensors(cfg, params)  # at the params' dtype: widened for torch, cast back below
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).eval()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}, strict=False)
     model.tie_weights()
-    model.to(getattr(torch, param_dtype))
+    device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+    model.to(device=device, dtype=getattr(torch, param_dtype))
     # No stop token, like ours: exactly n tokens, and no EOS suppression either (which
     # `min_new_tokens` would add, changing the greedy continuation where EOS is on top).
     model.generation_config.eos_token_id = None
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
     def generate(n):  # greedy, exactly n new tokens
         with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                  pad_token_id=0)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                 pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     out = generate(new)  # warm-up
     assert out.shape[1] == ids.shape[1] + new, out.shape
@@ -156,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--weights", choices=WEIGHTS, default="bundled",
+                    help="the bundled SmolLM2-135M, or the same architecture with random weights")
     args = ap.parse_args(argv)
     B, P, N, R = args.batch, args.prompt, args.new, args.repeats
 
@@ -171,7 +183,7 @@ def main(argv=None):
     mesh = parallel.single_device_mesh()
     rows = {}
     for name, (param_dtype, dtype) in ROWS.items():
-        cfg, graphdef, params, tok = bundled.load_bundled(mesh, param_dtype=param_dtype, dtype=dtype)
+        cfg, graphdef, params, tok = load_model(mesh, args.weights, param_dtype=param_dtype, dtype=dtype)
         prompts = make_prompts(tok, B, P)
         t_pre, t_all, ours_tokens, compiles = bench_ours(cfg, graphdef, params, prompts, N, R)
         row = dict(steps_s=(N - 1) / (t_all - t_pre), ours_prefill_tok_s=B * P / t_pre, compiles=compiles,
@@ -181,7 +193,7 @@ def main(argv=None):
         if name == "fp32":  # (bf16: the decode loop reads fp32 copies that XLA hoists out of it)
             row["matmuls_alone_s"] = bench_matmuls_alone(cfg, graphdef, params, B, R)
         if not args.skip_hf:
-            h_pre, h_all, hf_tokens = bench_hf(param_dtype, prompts, N, R)
+            h_pre, h_all, hf_tokens = bench_hf(cfg, params, param_dtype, prompts, N, R)
             row.update(hf_decode_tok_s=B * (N - 1) / (h_all - h_pre), hf_prefill_tok_s=B * P / h_pre)
             row["decode_speedup"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
             row["common_prefix"] = [_common_prefix(a, b) for a, b in zip(ours_tokens, hf_tokens)]
@@ -223,7 +235,8 @@ def main(argv=None):
           "bf16_decode_speedup": bf16.get("decode_speedup"), "bf16_ours_prefill_tok_s": bf16["ours_prefill_tok_s"],
           "bf16_hf_prefill_tok_s": bf16.get("hf_prefill_tok_s"), "bf16_bandwidth_fraction": bf16["bandwidth_fraction"],
           "bandwidth_gbs": bw / 1e9, "filter_ms": t_ours * 1e3, "sorting_filter_ms": t_sort * 1e3,
-          "batch": B, "prompt": P, "new": N})
+          "batch": B, "prompt": P, "new": N, "weights": args.weights, "device": jax.devices()[0].device_kind,
+          "cpu": cpu_model()})
 
 
 if __name__ == "__main__":
