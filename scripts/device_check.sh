@@ -64,12 +64,13 @@ else
   printf '{"check": "machine", "rc": 0, "summary": "%s"}\n' "$(tr '\n"\\' ' ' < "$DIR/machine.log" | cut -c1-300)" >> "$J"
   # tests/conftest.py defaults the tests to the CPU: put them on the GPU, with full fp32
   # matmuls (the tolerances are fp32's; the GPU's default would use TF32).
-  run model_parity 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+  run model_parity 120 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_model_parity.py
-  run attention 90 "$PY" -m ophsd_jax.benchmarks.attention --length 8192 --batch 2 --impls auto,blockwise
-  run train_step 120 "$PY" -m ophsd_jax.benchmarks.train_step --batch 16 --dtype bfloat16 --micro-batches 1 \
+  run attention 60 "$PY" -m ophsd_jax.benchmarks.attention --length 8192 --batch 2 --impls auto,blockwise
+  run train_step 90 "$PY" -m ophsd_jax.benchmarks.train_step --batch 16 --dtype bfloat16 --micro-batches 1 \
     --skip-torch
-  run sampler 100 "$PY" -m ophsd_jax.benchmarks.sampler --batch 32 --prompt 512 --new 256 --weights "$WEIGHTS"
+  run sampler 200 "$PY" -m ophsd_jax.benchmarks.sampler --batch 32 --prompt 512 --new 256 --repeats 3 \
+    --weights "$WEIGHTS"
   run batching 90 "$PY" -m ophsd_jax.benchmarks.batching --prompts 64 --slots 16 --short 64 --long 512 \
     --weights "$WEIGHTS"
 fi
