@@ -239,14 +239,19 @@ class Run:
     def progress(self):
         return progress_bar(self.config.train.steps, initial=self.step - (self.pending_metrics is not None))
 
-    def final_rows(self, n: int) -> list[bool]:
+    def final_rows(self, n: int, step: int) -> list[bool]:
         """Which of this process's `n` examples get the harness's final response: all with
         reward weighting (it weights by that response's reward), else the batch's first
-        ceil(batch * harness.reward_fraction) rows (the batch is shuffled: a random sample;
-        counted over every process's equal share, so any process count picks the same rows)."""
+        rows (the batch is shuffled: a random sample), harness.reward_fraction of them on
+        average: floor((step + 1) f B) - floor(step f B) at step `step` for a global batch
+        of B, so 0.125 of 4 rows is one row every other step, not one (a quarter) every
+        step. Counted over every process's equal share: any process count picks the same rows."""
         c = self.config
         first, total = self.share[0] * n, self.share[1] * n
-        most = total if c.distill.reward_weight_beta > 0 else math.ceil(total * c.harness.reward_fraction)
+        if c.distill.reward_weight_beta > 0:
+            most = total
+        else:
+            most = reward_rows(step, total, c.harness.reward_fraction)
         return [first + i < most for i in range(n)]
 
     def step_metrics(self, step, examples, rollout, results, harness_rewards) -> dict:
@@ -288,6 +293,7 @@ class Run:
         self.pending_metrics = None
         if (step % c.train.save_every == 0 or step == c.train.steps) and self._saved_step != step:
             self.save(step)
+        runtime.release_host_memory()  # the update's, evaluation's and checkpoint's freed buffers
         bar.update(1)
         bar.set_postfix(loss=f"{flat.get('loss', float('nan')):.4f}", rollout=f"{flat['rollout/reward']:.2f}",
                         harness=f"{flat['harness/reward']:.2f}", refresh=False)
@@ -360,6 +366,14 @@ class Run:
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
+
+
+def reward_rows(step: int, batch: int, fraction: float) -> int:
+    """Rows of step `step` that get the harness's final response: floor((step + 1) f B) -
+    floor(step f B), so that over any run the count is `fraction` of the rows, spread
+    evenly (rounded before flooring: 0.125 * 8 is exactly 1)."""
+    due = lambda s: math.floor(round(s * batch * fraction, 6))  # noqa: E731
+    return due(step + 1) - due(step)
 
 
 def _nanmean(xs) -> float:

@@ -214,3 +214,16 @@ def make_eval_harness(c: mlc.ConfigDict, data: Data, train_harness):
     bank = MemoryBank(train_bank.embedder) if train_bank is not None else None
     options["seed_bank_from_train"] = True
     return make_harness(name, data.task, options, bank=bank, train_examples=_train_examples(data))
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS between phases. glibc keeps what a phase
+    freed (XLA:CPU's buffers, the checkpoint's host copies) for reuse, so without this
+    a CPU run's RSS is the high-water mark of every phase stacked, not of the largest.
+    A no-op where glibc's `malloc_trim` is missing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass

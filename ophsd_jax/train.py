@@ -68,9 +68,10 @@ def _train_loop(run: Run, c, task, tok, bar) -> None:
             generate_chat = GenerateChat(run.sampler, tok, params, jax.random.fold_in(key, 1),
                                          template_kwargs=run.template_kwargs, join=rollout_request)
             # The final call's answer only feeds the harness reward: generated where it is used.
-            results = run.harness.run(examples, generate_chat, final=run.final_rows(len(examples)))
+            results = run.harness.run(examples, generate_chat, final=run.final_rows(len(examples), step))
             rollout = generate_chat.joined()
             del params, generate_chat  # LoRA: the merged copy is not kept through the update
+            runtime.release_host_memory()  # the sampler's freed buffers, before the update's
         with run.timer("update"):  # 3. score y under both contexts, one jitted step
             skip = ["rollout_prompt_too_long" if s else "harness_prompt_too_long" if r.skipped else None
                     for s, r in zip(rollout.skipped, results)]  # prompts longer than the sampler takes

@@ -103,3 +103,30 @@ def test_evaluate_on_a_missing_workdir_does_not_create_it(tmp_path):
     path, text = traceback_file(line)
     assert "FileNotFoundError" in text
     os.remove(path)  # in the system temp dir
+
+
+def test_release_host_memory_returns_freed_heap_to_the_os():
+    """Between phases the trainer hands freed heap back (`runtime.release_host_memory`):
+    256 MiB of freed heap chunks below a live one (so the heap's top cannot shrink) stay
+    resident until then. In a fresh process, so earlier tests' free lists do not interfere."""
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        from ophsd_jax.runtime import release_host_memory
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        base = rss()
+        blocks = [bytearray(64 << 10) for _ in range(4096)]  # under glibc's mmap threshold: heap
+        pin = bytearray(64 << 10)
+        del blocks
+        held = rss()
+        release_host_memory()
+        print(held - base, rss() - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    held, after = map(int, out.stdout.split()[-2:])
+    assert held > 200 << 20, held  # the freed chunks were still resident
+    assert after < held // 4, (held, after)

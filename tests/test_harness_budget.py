@@ -103,3 +103,19 @@ def test_opsd_generates_for_final_rows_only_and_not_at_all_without_generate():
         assert [len(c) for c in sampler.calls] == expected and len(rollout.texts) == 3
         sampled = [r.final_response is not None and r.final_response != "" for r in results]
         assert sampled == ([False, True, False] if generate else [False] * 3)
+
+
+@pytest.mark.parametrize("batch,fraction", [(4, 0.125), (8, 0.125), (64, 0.125), (6, 0.3), (5, 1.0), (7, 0.0)])
+def test_reward_rows_spread_the_fraction_over_steps(batch, fraction):
+    """harness.reward_fraction of the rows over a run, evenly: each step floor or ceil of
+    f x B (0.125 of 4 rows: one row every other step, where ceil gave one every step)."""
+    import math
+
+    from ophsd_jax.run import reward_rows
+
+    counts = [reward_rows(step, batch, fraction) for step in range(40)]
+    for steps in range(1, 41):  # every prefix of the run: the fraction so far, to the row
+        assert sum(counts[:steps]) == math.floor(round(steps * batch * fraction, 6))
+    assert set(counts) <= {math.floor(batch * fraction), math.ceil(batch * fraction)}
+    if (batch, fraction) == (4, 0.125):
+        assert counts[:4] == [0, 1, 0, 1]
