@@ -73,6 +73,9 @@ def base_config() -> mlc.ConfigDict:
     c.data.train = mlc.ConfigDict({"kind": "reasoning_gym", "size": 2000, "seed": 0})
     c.data.eval = mlc.ConfigDict()  # empty: hold out `validation_size` examples from train
     c.data.validation_size = 64
+    # The seed of the train/held-out split (-1 = `seed`): pin it to compare runs of several
+    # seeds on one held-out set.
+    c.data.split_seed = -1
     c.data.on_error = "raise"  # raise | skip: bad rows in data files
 
     # ---- harness (teacher context) ------------------------------------------------------

@@ -86,15 +86,17 @@ def load_data(c: mlc.ConfigDict, workdir: str) -> Data:
 
 
 def _load_data(c: mlc.ConfigDict, task, data_dir: str) -> Data:
+    split_seed = c.data.get("split_seed", -1)  # (absent in the config.json of older runs)
+    split_seed = c.seed if split_seed < 0 else split_seed
     train_spec = {**c.data.train.to_dict(), **({"on_error": c.data.on_error} if "path" in c.data.train else {})}
     if c.data.eval.to_dict():
-        splits, report = build_dataset(c.task, train_spec, data_dir=data_dir, validation_size=0, split_seed=c.seed)
+        splits, report = build_dataset(c.task, train_spec, data_dir=data_dir, validation_size=0, split_seed=split_seed)
         eval_spec = {**c.data.eval.to_dict(), **({"on_error": c.data.on_error} if "path" in c.data.eval else {})}
-        eval_splits, _ = build_dataset(c.task, eval_spec, data_dir=data_dir, validation_size=0, split_seed=c.seed)
+        eval_splits, _ = build_dataset(c.task, eval_spec, data_dir=data_dir, validation_size=0, split_seed=split_seed)
         train, evals = splits["train"], eval_splits["train"]
     else:
         splits, report = build_dataset(c.task, train_spec, data_dir=data_dir,
-                                       validation_size=c.data.validation_size, split_seed=c.seed)
+                                       validation_size=c.data.validation_size, split_seed=split_seed)
         train, evals = splits["train"], splits.get("validation")
     if len(train) == 0:
         raise ValueError(f"config.data.train: the dataset is empty ({train_spec})")

@@ -1,0 +1,148 @@
+"""The reproduction experiment (`ophsd_jax.experiments.replicate --quick`) end to end on the
+tiny random model: every condition trains (or not), evaluates alone and with the harness,
+resumes by skipping finished runs, and its results file is recomputed from the records."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(out, *extra):
+    # one CPU device, as a user runs it (conftest gives this process 8)
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "ophsd_jax.experiments.replicate", "--config",
+                           str(ROOT / "configs" / "tiny.py"), "--out", str(out), "--quick", "--seeds", "0",
+                           "--conditions", "base,opsd,ophsd,ophsd_live,ophsd_jsd", *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+
+
+def _records(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicate")
+    proc = _run(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_mode_runs_every_condition_and_writes_the_report(quick):
+    out, proc = quick
+    results = json.loads((out / "results.json").read_text())
+    conds = results["summary"]["conditions"]
+    assert list(conds) == ["base", "opsd", "ophsd", "ophsd_live", "ophsd_jsd"]
+    assert results["summary"]["examples"] == 4 and results["k"] == 2
+    for name, runs in results["runs"].items():
+        for r in runs:
+            wd = pathlib.Path(r["workdir"])
+            trained = name != "base"
+            assert any((wd / "checkpoints").glob("[0-9]*")) == trained
+            if trained:  # the student-only curve: before training and after each step
+                assert [s for s, _ in r["curve"]] == [0, 1, 2]
+                assert [s for s, _ in r["loss"]] == [1, 2]
+            assert r["wall_seconds"] > 0
+    for png in ("student_accuracy_vs_step.png", "student_vs_harness.png", "loss.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in conds) and "3_ophsd_harness_minus_ophsd_student" in table
+
+
+def test_results_are_recomputed_from_the_per_example_records(quick):
+    out, _ = quick
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    for name, summary in results["summary"]["conditions"].items():
+        (run,) = runs[name]  # one seed in the quick test
+        step = 0 if name == "base" else 2
+        records = _records(pathlib.Path(run["workdir"]) / "eval" / f"step_{step}_harness.jsonl")
+        student = [np.mean(r["rewards"]) for r in records]
+        harness = [r["harness_reward"] or 0.0 for r in records]
+        assert all(r["harness_mode"] for r in records)  # the harness really ran on every example
+        assert summary["student"]["mean"] == pytest.approx(np.mean(student), abs=1e-12)
+        assert summary["harness"]["mean"] == pytest.approx(np.mean(harness), abs=1e-12)
+        lo, hi = summary["student"]["ci95"]
+        assert min(student) <= lo <= summary["student"]["mean"] <= hi <= max(student)
+    claim = results["summary"]["claims"]["3_ophsd_harness_minus_ophsd_student"]
+    records = _records(pathlib.Path(runs["ophsd"][0]["workdir"]) / "eval" / "step_2_harness.jsonl")
+    diffs = [(r["harness_reward"] or 0.0) - np.mean(r["rewards"]) for r in records]
+    assert claim["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
+
+
+def test_a_second_invocation_skips_finished_runs(quick):
+    out, _ = quick
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/eval/*_harness.jsonl")}
+    proc = _run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("finished, skipped") == 5
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/eval/*_harness.jsonl")} == before
+
+
+def test_split_seed_pins_the_held_out_set_across_seeds(tmp_path):
+    """data.split_seed: runs of different seeds are evaluated on one held-out set; left at
+    -1 the split follows `seed` (as before the key existed)."""
+    import importlib.util
+
+    from ophsd_jax import runtime
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+
+    def held_out(seed, split_seed):
+        c = tiny.get_config()
+        c.seed, c.data.split_seed = seed, split_seed
+        ev = runtime.load_data(c, str(tmp_path / f"{seed}_{split_seed}")).eval
+        return [json.dumps(ev[i], sort_keys=True, default=str) for i in range(len(ev))]
+
+    assert held_out(0, 0) == held_out(1, 0)
+    assert held_out(0, -1) == held_out(0, 0) and held_out(1, -1) != held_out(1, 0)
+
+
+def test_summary_statistics_against_a_naive_computation():
+    """Condition means average each example over its k samples, then over seeds; claims are
+    paired per-example differences; the intervals are bootstrap percentiles of the mean."""
+    from ophsd_jax.experiments import replicate as R
+
+    rng = np.random.default_rng(0)
+    ids = [f"ex{i}" for i in range(30)]
+
+    def run(p_student, p_harness):
+        recs = [{"id": i, "rewards": rng.binomial(1, p_student, 4).astype(float).tolist(),
+                 "harness_reward": float(rng.binomial(1, p_harness)) if j % 7 else None}  # None: no answer
+                for j, i in enumerate(ids)]
+        recs.append({"id": "long", "rewards": [], "unscored": "prompt_too_long", "harness_reward": None})
+        return {"workdir": f"w{p_student}", "examples": {k: list(v) for k, v in R.per_example(recs).items()},
+                "records": recs}
+
+    runs = {"base": [run(0.2, 0.5)], "opsd": [run(0.3, 0.4), run(0.4, 0.4)], "ophsd": [run(0.6, 0.5), run(0.5, 0.6)]}
+    out = R.summarize({k: [{kk: vv for kk, vv in r.items() if kk != "records"} for r in v] for k, v in runs.items()})
+    assert out["examples"] == 30  # the unscored example is left out
+
+    def naive(cond, harness):
+        per_seed = [[np.mean(r["rewards"]) if not harness else (r["harness_reward"] or 0.0)
+                     for r in run["records"] if r["rewards"]] for run in runs[cond]]
+        return np.mean(per_seed, axis=0)
+
+    for cond in runs:
+        for which, harness in (("student", False), ("harness", True)):
+            got, want = out["conditions"][cond][which], naive(cond, harness)
+            assert got["mean"] == pytest.approx(want.mean(), abs=1e-12) and got["n"] == 30
+            sd = want.std(ddof=1) / np.sqrt(len(want))  # the bootstrap interval ~ mean -/+ 1.96 sd
+            assert got["ci95"][0] == pytest.approx(want.mean() - 1.96 * sd, abs=0.6 * sd + 1e-9)
+            assert got["ci95"][1] == pytest.approx(want.mean() + 1.96 * sd, abs=0.6 * sd + 1e-9)
+    claims = out["claims"]
+    assert claims["1_ophsd_minus_opsd_student"]["mean"] == pytest.approx(
+        (naive("ophsd", False) - naive("opsd", False)).mean(), abs=1e-12)
+    assert claims["2_ophsd_student_minus_base_harness"]["mean"] == pytest.approx(
+        (naive("ophsd", False) - naive("base", True)).mean(), abs=1e-12)
+    assert claims["3_ophsd_harness_minus_ophsd_student"]["mean"] == pytest.approx(
+        (naive("ophsd", True) - naive("ophsd", False)).mean(), abs=1e-12)
