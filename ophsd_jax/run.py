@@ -267,9 +267,10 @@ class Run:
         modes = collections.Counter(per_example["modes"])
         out = {"rollout/reward": _nanmean(per_example["rewards"]),
                "rollout/response_tokens": _nanmean(per_example["tokens"]),
-               "harness/reward": _nanmean(per_example["harness"]),
                "lr": float(self.lr(step)),
                **{f"harness/mode_{m}": n for m, n in modes.items()}}
+        if not np.all(np.isnan(per_example["harness"])):  # absent on a step that solved no row (reward_rows)
+            out["harness/reward"] = _nanmean(per_example["harness"])
         bank = getattr(self.harness, "bank", None)
         if bank is not None:
             out["bank/size"] = len(bank)
@@ -296,7 +297,7 @@ class Run:
         runtime.release_host_memory()  # the update's, evaluation's and checkpoint's freed buffers
         bar.update(1)
         bar.set_postfix(loss=f"{flat.get('loss', float('nan')):.4f}", rollout=f"{flat['rollout/reward']:.2f}",
-                        harness=f"{flat['harness/reward']:.2f}", refresh=False)
+                        harness=f"{flat.get('harness/reward', float('nan')):.2f}", refresh=False)
         if c.train.profile_steps:
             self._profile(step)
 

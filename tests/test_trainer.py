@@ -31,7 +31,7 @@ STOP_DRIVER = os.path.join(ROOT, "tests", "stop_driver.py")
 SHARED_CACHE = tempfile.mkdtemp(prefix="ophsd_test_xla_cache_")
 atexit.register(shutil.rmtree, SHARED_CACHE, ignore_errors=True)
 METRIC_KEYS = ("loss", "grad_norm", "student_entropy", "tokens", "skipped_updates", "rollout/reward",
-               "harness/reward", "lr", "tokens_per_s", "time/generate_s", "time/update_s",
+               "lr", "tokens_per_s", "time/generate_s", "time/update_s",
                "time/generate_share", "batch/skipped", "harness/mode_plan_solve")
 
 
@@ -96,6 +96,9 @@ def test_metrics_checkpoints_and_summary(finished_run):
         for k in METRIC_KEYS:
             assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r[k])
     assert rows[0]["tokens"] > 0 and rows[-1]["lr"] == pytest.approx(1e-3)
+    # harness/reward: on the steps that solved a row (0.125 of 2 rows: one row in 4 steps)
+    assert [r["step"] for r in rows if "harness/reward" in r] == [4]
+    assert all(math.isfinite(r["harness/reward"]) for r in rows if "harness/reward" in r)
     assert any("eval/avg@2" in r for r in rows)
     steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
     assert steps == [2, 3, 4]  # keep_checkpoints=3 of 1..4
