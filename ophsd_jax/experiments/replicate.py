@@ -31,7 +31,6 @@ recomputed from the records), `<out>/results.md` (the table) and PNG plots.
 
 from __future__ import annotations
 
-import sys
 import copy
 import glob
 import json
@@ -39,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -66,21 +66,12 @@ BOOTSTRAP_DRAWS = 2000
 # ---------------------------------------------------------------------------------------
 
 
-def set_key(c, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-
-
 def run_config(base, condition: str, seed: int, quick: bool):
     """The config of one run: the experiment's config, the condition's overrides, the seed."""
     c = copy.deepcopy(base)
-    overrides, _ = CONDITIONS[condition]
-    for k, v in {**overrides, **(QUICK if quick else {})}.items():
-        set_key(c, k, v)
-    c.data.split_seed = base.data.get("split_seed", -1) if base.data.get("split_seed", -1) >= 0 else base.seed
+    c.update_from_flattened_dict({**CONDITIONS[condition][0], **(QUICK if quick else {})})
+    split = base.data.get("split_seed", -1)
+    c.data.split_seed = split if split >= 0 else base.seed  # one held-out set for every seed
     c.seed = seed
     c.eval.harness = False  # during training: the student alone; the harness after training
     return c
