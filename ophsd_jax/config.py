@@ -104,6 +104,9 @@ def base_config() -> mlc.ConfigDict:
     c.distill.teacher = "initial"  # initial (frozen starting weights) | current (live weights, no grad)
     c.distill.micro_batches = 1  # gradient accumulation slices; 0 = one row per batch shard each (least memory)
     c.distill.remat_teacher = False
+    # The frozen teacher's copy of the weights (distill.teacher="initial", full fine-tuning):
+    # "" = model.dtype; bfloat16 halves it (its layers still compute in model.dtype).
+    c.distill.teacher_dtype = ""
     c.distill.tile = 256
     c.distill.keep_fraction = 1.0  # < 1: entropy-weighted token subsampling
     c.distill.reward_weight_beta = 0.0  # > 0: per-sample weights softmax(harness reward / beta) * n
@@ -128,6 +131,7 @@ def base_config() -> mlc.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
+    c.optim.mu_dtype = "float32"  # Adam's first moment; bfloat16 halves it (the second stays float32)
 
     # ---- loop --------------------------------------------------------------------------
     c.train = mlc.ConfigDict()
@@ -158,6 +162,7 @@ def base_config() -> mlc.ConfigDict:
     # sharded: every decode step all-gathers each layer); "decode" = a model.dtype copy
     # made once per step, not fsdp-sharded (more memory, no per-token weight gathers).
     c.sampler.weights = "train"
+    c.sampler.cache_dtype = ""  # the KV cache's dtype: "" = model.dtype; bfloat16 halves it
 
     # ---- evaluation ---------------------------------------------------------------------
     c.eval = mlc.ConfigDict()
@@ -184,6 +189,9 @@ _CHOICES = {
     "harness.name": ("", "plan_solve", "draft_verify", "opsd"),
     "sampler.batching": ("auto", "static", "continuous"),
     "sampler.weights": ("train", "decode"),
+    "sampler.cache_dtype": ("", "float32", "bfloat16"),
+    "distill.teacher_dtype": ("", "float32", "bfloat16"),
+    "optim.mu_dtype": ("float32", "bfloat16"),
     "distill.kind": ("reverse_kl", "forward_kl", "jsd"),
     "distill.teacher": ("initial", "current"),
     "distill.teacher_overflow": ("skip", "shorten"),

@@ -55,6 +55,8 @@ def load_model(c: mlc.ConfigDict, mesh):
 def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok, max_batch: int | None = None) -> Sampler:
     # The config.json of a run from before these keys existed: the Sampler's defaults.
     newer = {k: c.sampler[k] for k in ("decode_segment", "prefill_tokens", "batching") if k in c.sampler}
+    if c.sampler.get("cache_dtype"):
+        newer["cache_dtype"] = c.sampler.cache_dtype
     return Sampler(cfg, graphdef, mesh, max_batch=max_batch or c.sampler.max_batch,
                    prompt_buckets=c.sampler.prompt_buckets,
                    new_token_buckets=c.sampler.new_token_buckets, pad_id=tok.pad_token_id,
@@ -150,17 +152,20 @@ def trainable_params(c: mlc.ConfigDict, cfg, params, mesh, *, abstract: bool = F
         return adapter, params
     if c.distill.teacher != "initial":
         return params, None
-    # "initial": a frozen copy of the starting weights, in the compute dtype (only read by forward passes).
+    # "initial": a frozen copy of the starting weights, only read by forward passes: in the
+    # compute dtype, or distill.teacher_dtype (bfloat16 halves it; layers compute in model.dtype).
+    dtype = c.distill.get("teacher_dtype") or cfg.dtype
     if abstract:
-        return params, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.dtype, sharding=a.sharding), params)
-    return params, jax.tree.map(lambda x: x.astype(cfg.dtype) + 0, params)
+        return params, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding), params)
+    return params, jax.tree.map(lambda x: x.astype(dtype) + 0, params)
 
 
 def optimizer(c: mlc.ConfigDict):
     o = c.optim
     return make_optimizer(OptimConfig(learning_rate=o.learning_rate, schedule=o.schedule,
                                       warmup_steps=o.warmup_steps, total_steps=c.train.steps,
-                                      weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps))
+                                      weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps,
+                                      mu_dtype=o.get("mu_dtype", "float32")))
 
 
 def use_compilation_cache(c: mlc.ConfigDict, workdir: str, *, write: bool = True) -> None:

@@ -175,8 +175,8 @@ def parse_flags(argv):
 
     path = next((b for a, b in zip(argv, argv[1:] + [""]) if a == "--config"), None)
     path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path and not os.path.isfile(path):
-        print(f"error: config file not found: {path}", file=sys.stderr)
+    if path and not os.path.isfile(path.split(":", 1)[0]):  # "file.py:param" passes param to get_config
+        print(f"error: config file not found: {path.split(':', 1)[0]}", file=sys.stderr)
         sys.exit(2)
     try:
         return flags.FLAGS(argv)

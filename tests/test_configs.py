@@ -118,3 +118,25 @@ def test_paper_config_builds_abstractly(path):
     # Every weight splits evenly over the 32 chips; only the norms are replicated (exact counts).
     norms = sum(var.get_value().size for name, var in S.flat_names(abstract).items() if name.endswith("norm"))
     assert per_device_elements(abstract, mesh) * 32 == n_params + 31 * norms
+
+
+def test_replicate_arithmetic_difficulty_levels():
+    """configs/replicate_arithmetic.py:<level> (ml_collections' parameter syntax, also through
+    the CLIs): each level validates and names its generator settings; an unknown level is a
+    one-line error (exit 2) naming it and the choices."""
+    import subprocess
+    import sys
+
+    path = next(p for p in CONFIGS if p.endswith("replicate_arithmetic.py"))
+    spec = importlib.util.spec_from_file_location("replicate_arithmetic", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.get_config().data.train.to_dict()["families"] == ["products", "chain_sum", "gsm_symbolic"]
+    for level in mod.LEVELS:
+        c = mod.get_config(level)
+        validate(c)
+        assert c.data.train.to_dict()["options"] == mod.LEVELS[level]["options"]
+    proc = subprocess.run([sys.executable, "-m", "ophsd_jax.train", "--config", f"{path}:bogus", "--workdir", "/nonexistent/x"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(lines) == 1 and "'bogus'" in lines[0] and "tiny" in lines[0], proc.stderr[-2000:]

@@ -229,7 +229,7 @@ def test_bad_on_error_value(tmp_path):
 
 
 def test_split_is_deterministic_and_partitions():
-    examples = [{"id": str(i)} for i in range(50)]
+    examples = [{"id": str(i), "question": f"q{i}"} for i in range(50)]
     train, val = split_examples(examples, 0.2, seed=3)
     again_train, again_val = split_examples(examples, 0.2, seed=3)
     other_train, _ = split_examples(examples, 0.2, seed=4)
@@ -241,6 +241,21 @@ def test_split_is_deterministic_and_partitions():
     assert len(split_examples(examples, 7, seed=0)[1]) == 7
     with pytest.raises(ValueError):
         split_examples(examples, 50, seed=0)
+
+
+def test_split_never_trains_on_a_copy_of_a_validation_example():
+    # 60 rows, 20 distinct problems (ids differ, content repeats), as small generated
+    # problems do: no validation problem may reach the training split.
+    examples = [{"id": f"r{i}", "source": "gen", "question": f"{i % 20} + 1", "answer": str(i % 20 + 1)}
+                for i in range(60)]
+    train, val = split_examples(examples, 5, seed=0)
+    assert len(val) == 5
+    held_out = {e["question"] for e in val}
+    assert not held_out & {e["question"] for e in train}
+    assert len(train) == 60 - 5 - sum(e["question"] in held_out for e in examples if e not in val)
+    assert {e["question"] for e in train} | held_out == {e["question"] for e in examples}
+    with pytest.raises(ValueError, match="every training example is a copy"):
+        split_examples([{"id": str(i), "question": "same"} for i in range(4)], 1, seed=0)
 
 
 def test_source_specs(tmp_path):
@@ -265,6 +280,36 @@ def test_reasoning_gym_source_has_checked_worked_solutions():
         assert e["solution"].endswith(f"The answer is {e['answer']}.")
     again, _ = load_source({"kind": "reasoning_gym", "size": 30, "seed": 5, "on_error": "skip"})
     assert again == examples
+
+
+def test_reasoning_gym_difficulty_options():
+    """Per-family generator settings change the problems (checked from the expressions
+    themselves), leave the other families as they were, and bad settings fail naming them."""
+    import re
+
+    from ophsd_jax.data.sources import fingerprint
+
+    base = {"kind": "reasoning_gym", "size": 40, "seed": 3, "families": ["chain_sum", "products"]}
+    easy = {**base, "options": {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}
+    plain, _ = load_source(base)
+    assert load_source({**base, "options": {}})[0] == plain  # empty options: the same data
+    assert fingerprint({**base, "options": {}}, {}) == fingerprint(base, {})
+    assert fingerprint(easy, {}) != fingerprint(base, {})
+    examples, _ = load_source(easy)
+    sums = [e for e in examples if e["source"] == "reasoning_gym/chain_sum"]
+    assert len(sums) == 20
+    for e in sums:  # two one-digit terms: "a + b" or "a - b", both operands < 10
+        operands = [int(x) for x in re.findall(r"\d+", e["solution"].splitlines()[1].split("=")[0])]
+        assert len(operands) == 2 and max(operands) < 10
+    # the default has bigger numbers (up to 4 digits)
+    assert max(abs(int(e["answer"])) for e in plain if e["source"] == "reasoning_gym/chain_sum") >= 100
+    assert [e for e in examples if "products" in e["source"]] == [e for e in plain if "products" in e["source"]]
+    with pytest.raises(ValueError, match="not among the families"):
+        load_source({**base, "options": {"gsm_symbolic": {"difficulty": 1.0}}})
+    with pytest.raises(ValueError, match="options for chain_sum"):
+        load_source({**base, "options": {"chain_sum": {"max_term": 2}}})
+    with pytest.raises(ValueError, match="set by the source spec"):
+        load_source({**base, "options": {"chain_sum": {"seed": 1}}})
 
 
 def test_worked_solution_writers():

@@ -456,3 +456,33 @@ def test_continuous_batching_on_a_sharded_mesh_matches_one_device(model):
     assert out.tokens == ref.tokens
     with pytest.raises(ValueError, match="batching"):
         Sampler(cfg, graphdef, mesh, batching="dynamic")
+
+
+def test_bf16_kv_cache_halves_the_cache_and_matches_the_fp32_model(model):
+    """sampler.cache_dtype=bfloat16: the cache is stored in bf16 (half the bytes) and read
+    back into fp32 attention. The sampled tokens' log-probs match a teacher-forced fp32
+    forward within the fp32 bound of `logprob_atol` computed with bf16's unit roundoff
+    (2^-9) in place of fp32's: rounding the cached keys and values is one more rounding
+    in each of the decoder's terms."""
+    _, cfg, graphdef, params = model
+    mesh = parallel.single_device_mesh()
+    f32 = Sampler(cfg, graphdef, mesh, max_batch=4, show_progress=False)
+    b16 = Sampler(cfg, graphdef, mesh, max_batch=4, show_progress=False, cache_dtype="bfloat16")
+    caches = [s._empty_cache(4, 32, per_layer=s.layer_loop == "unrolled") for s in (f32, b16)]
+    assert {x.dtype for x in jax.tree.leaves(caches[0])} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(caches[1])} == {jnp.dtype(jnp.bfloat16)}
+    assert sum(x.nbytes for x in jax.tree.leaves(caches[0])) == 2 * sum(x.nbytes for x in jax.tree.leaves(caches[1]))
+    out = b16.generate(params, PROMPTS, max_new_tokens=10, rng=jax.random.key(1), temperature=1.0)
+    seq = max(map(len, PROMPTS)) + 10
+    logits_err = tol.pair(tol.prob(tol.decoder_terms(cfg, seq), u=2.0**-9) * tol.model_logit_scale(graphdef, params))
+    atol = tol.log_softmax_atol(logits_err, cfg.vocab_size)
+    deviation = 0.0
+    for prompt, gen, lp in zip(PROMPTS, out.tokens, out.logprobs):
+        tokens = jnp.asarray([prompt + gen], jnp.int32)
+        m = jnp.ones_like(tokens)
+        h, _ = S.forward(graphdef, params, tokens, S.positions_from_mask(m), m)
+        logp = jax.nn.log_softmax(S.logits(graphdef, params, h)[0], axis=-1)
+        ref = np.asarray([logp[len(prompt) - 1 + j, t] for j, t in enumerate(gen)])
+        np.testing.assert_allclose(lp, ref, rtol=0, atol=atol)
+        deviation = max(deviation, float(np.abs(lp - ref).max()))
+    assert deviation > logprob_atol(cfg, graphdef, params, 10)  # the bf16 cache was read, not an fp32 one

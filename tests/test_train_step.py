@@ -210,3 +210,75 @@ def test_student_learns_to_match_teacher_with_hint():
         state, metrics = step(state, teacher, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_bf16_frozen_teacher_is_the_rounded_weights():
+    """distill.teacher_dtype=bfloat16 stores the frozen teacher in bf16; its layers still
+    compute in fp32, so the step equals one whose fp32 teacher holds the bf16-rounded weights
+    (same math, within the step's own fp32 tolerance), closer than the unrounded teacher's."""
+    import ml_collections
+
+    from ophsd_jax import runtime
+
+    mesh = parallel.single_device_mesh()
+    graphdef, state, teacher, step = setup(mesh, optim=SMOOTH_ADAM, scale=2.0)
+    c = ml_collections.ConfigDict({"lora": {"rank": 0}, "distill": {"teacher": "initial", "teacher_dtype": "bfloat16"}})
+    _, bf16 = runtime.trainable_params(c, CFG, state.params, mesh)
+    assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+    abstract = runtime.trainable_params(c, CFG, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                                            state.params), mesh, abstract=True)[1]
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), bf16)
+    rounded = jax.tree.map(lambda x: x.astype(jnp.float32), bf16)
+    batch = make_batch(np.random.default_rng(5))
+    params = jax.tree.map(np.asarray, state.params)
+    _, m_bf16 = step(state, bf16, batch)
+    _, state_b, _, step_b = setup(mesh, optim=SMOOTH_ADAM, scale=2.0)
+    _, m_round = step_b(state_b, rounded, batch)
+    _, state_c, _, step_c = setup(mesh, optim=SMOOTH_ADAM, scale=2.0)
+    _, m_exact = step_c(state_c, teacher, batch)
+    seq = max(batch.student.tokens.shape[1], batch.teacher.tokens.shape[1])
+    loss_atol, grad_atol = step_tolerances(graphdef, jax.device_put(params), batch, float(m_round["grad_norm"]), seq,
+                                           teacher_params=rounded)
+    assert abs(float(m_bf16["loss"]) - float(m_round["loss"])) <= loss_atol
+    assert abs(float(m_bf16["grad_norm"]) - float(m_round["grad_norm"])) <= grad_atol
+    # and it is the rounded teacher, not the unrounded one, that the bf16 step matches
+    assert abs(float(m_bf16["loss"]) - float(m_round["loss"])) < abs(float(m_exact["loss"]) - float(m_round["loss"]))
+
+
+def test_bf16_first_moment_follows_fp32_adam():
+    """optim.mu_dtype=bfloat16: Adam's first moment is stored in bf16 (the second in fp32).
+    Each step rounds the stored moment (relative error <= 2^-8 with round-to-nearest: 2^-9),
+    so after step t it is off by at most sum_s b1^(t-s) 2^-8 |m_s| (m_s: the fp32 run's
+    moments, plus that bound's own rounding); the parameters by lr times that over
+    (1 - b1^t)(sqrt(v_hat) + eps), summed over steps (the fp32 v is the same in both runs)."""
+    mesh = parallel.single_device_mesh()
+    _, params = S.init_params(CFG, mesh, seed=1)
+    cfg = dict(learning_rate=1e-2, weight_decay=0.0, grad_clip=0.0, eps=1e-8)
+    opt16, opt32 = make_optimizer(OptimConfig(mu_dtype="bfloat16", **cfg)), make_optimizer(OptimConfig(**cfg))
+    s16, s32 = init_train_state(params, opt16, mesh), init_train_state(params, opt32, mesh)
+    mus = [x for x in jax.tree.leaves(s16.opt_state) if x.ndim > 1]
+    assert {x.dtype for x in mus} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # mu bf16, nu fp32
+    update = jax.jit(lambda o, opt_state, p, g: o.update(g, opt_state, p), static_argnums=0)
+    rng = np.random.default_rng(0)
+    p16, p32, o16, o32 = s16.params, s32.params, s16.opt_state, s32.opt_state
+    b1, b2 = OptimConfig.b1, OptimConfig.b2
+    m = v = mu_err = None
+    param_err = jax.tree.map(lambda x: np.zeros(x.shape), params)
+    for t in range(1, 5):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        gn = jax.tree.map(np.asarray, g)
+        m = jax.tree.map(lambda gi: (1 - b1) * gi, gn) if m is None else jax.tree.map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, gn)
+        v = jax.tree.map(lambda gi: (1 - b2) * gi**2, gn) if v is None else jax.tree.map(lambda vi, gi: b2 * vi + (1 - b2) * gi**2, v, gn)
+        mu_err = jax.tree.map(lambda mi: 2.0**-8 * np.abs(mi), m) if mu_err is None else \
+            jax.tree.map(lambda e, mi: b1 * e + 2.0**-8 * (np.abs(mi) + b1 * e), mu_err, m)
+        param_err = jax.tree.map(lambda pe, e, vi: pe + cfg["learning_rate"] * e / (1 - b1**t) /
+                                 (np.sqrt(vi / (1 - b2**t)) + cfg["eps"]), param_err, mu_err, v)
+        u16, o16 = update(opt16, o16, p16, g)
+        u32, o32 = update(opt32, o32, p32, g)
+        p16 = jax.tree.map(lambda p, u: p + u, p16, u16)
+        p32 = jax.tree.map(lambda p, u: p + u, p32, u32)
+    fp32_atol = jax.tree.map(lambda p: 8 * 4 * np.finfo(np.float32).eps * (np.abs(np.asarray(p)) + cfg["learning_rate"]), p32)
+    diffs = jax.tree.map(lambda a, b: np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), p16, p32)
+    for d, e, a in zip(jax.tree.leaves(diffs), jax.tree.leaves(param_err), jax.tree.leaves(fp32_atol)):
+        assert np.all(d <= e + a)
+    assert max(float(d.max()) for d in jax.tree.leaves(diffs)) > 0  # the bf16 moment did change something

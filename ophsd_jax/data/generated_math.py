@@ -78,8 +78,10 @@ def _one_example(family: str, item: dict, index: int, seed: int) -> dict:
     }
 
 
-def generate_math_problems(size: int, seed: int, families=FAMILIES) -> list[dict]:
-    """`size` problems, round-robin over `families`, deterministic for `seed`."""
+def generate_math_problems(size: int, seed: int, families=FAMILIES, options: dict | None = None) -> list[dict]:
+    """`size` problems, round-robin over `families`, deterministic for `seed`.
+    `options`: {family: generator settings} (reasoning-gym's config fields, e.g.
+    {"chain_sum": {"max_terms": 3, "max_digits": 2}}), the difficulty of that family."""
     import reasoning_gym  # lazy: heavy import, only needed to generate
 
     unknown = [f for f in families if f not in FAMILIES]
@@ -87,12 +89,23 @@ def generate_math_problems(size: int, seed: int, families=FAMILIES) -> list[dict
         raise ValueError(f"unknown reasoning-gym families {unknown}; choose from {FAMILIES}")
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
+    options = dict(options or {})
+    unused = sorted(set(options) - set(families))
+    if unused:
+        raise ValueError(f"reasoning-gym options for {unused}, which are not among the families {list(families)}")
     per_family = [size // len(families) + (i < size % len(families)) for i in range(len(families))]
     generated = []
     for k, (family, n) in enumerate(zip(families, per_family)):
         if n == 0:
             continue
-        dataset = reasoning_gym.create_dataset(family, seed=seed + 1000 * k, size=n)
+        settings = dict(options.get(family) or {})
+        reserved = sorted(set(settings) & {"seed", "size"})
+        if reserved:
+            raise ValueError(f"reasoning-gym options for {family}: {reserved} are set by the source spec, not here")
+        try:
+            dataset = reasoning_gym.create_dataset(family, seed=seed + 1000 * k, size=n, **settings)
+        except (TypeError, AssertionError, ValueError) as e:
+            raise ValueError(f"reasoning-gym options for {family} {settings}: {e or type(e).__name__}") from None
         generated.append([_one_example(family, dataset[i], i, seed) for i in range(n)])
     # Interleave families so any prefix of the list mixes them.
     out = []

@@ -4,13 +4,15 @@ A spec is a plain dict so it can live in an ml_collections config and be
 hashed into a dataset fingerprint:
 
     {"kind": "gsm8k_jsonl", "path": "train.jsonl", "on_error": "skip"}
-    {"kind": "reasoning_gym", "size": 2000, "seed": 0, "families": ["chain_sum"]}
+    {"kind": "reasoning_gym", "size": 2000, "seed": 0, "families": ["chain_sum"],
+     "options": {"chain_sum": {"max_terms": 3, "max_digits": 2}}}  # optional: difficulty
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -19,6 +21,8 @@ from ophsd_jax.data.generated_math import FAMILIES, generate_math_problems
 from ophsd_jax.data.load_lawbench import load_lawbench
 from ophsd_jax.data.load_math import load_gsm8k_jsonl, load_math_json
 from ophsd_jax.data.load_uspto import load_uspto_csv, load_uspto_json
+
+logger = logging.getLogger(__name__)
 
 FILE_LOADERS = {
     "math_json": load_math_json,
@@ -36,7 +40,7 @@ TASK_KINDS = {
 }
 _FILE_KEYS = {"kind", "path", "on_error"}
 # on_error is accepted (and unused) so one config can set it for any kind.
-_GENERATED_KEYS = {"kind", "size", "seed", "families", "on_error"}
+_GENERATED_KEYS = {"kind", "size", "seed", "families", "options", "on_error"}
 
 
 def check_spec(spec: dict) -> dict:
@@ -58,6 +62,12 @@ def check_spec(spec: dict) -> dict:
         spec.pop("on_error", None)
         spec.setdefault("seed", 0)
         spec["families"] = list(spec.get("families") or FAMILIES)
+        if not spec.get("options"):
+            spec.pop("options", None)  # absent and empty are the same data (and fingerprint)
+        elif not isinstance(spec["options"], dict):
+            raise ValueError(f"source spec: 'options' must be a dict of family -> settings, got {spec['options']!r}")
+        else:
+            spec["options"] = {f: dict(v) for f, v in spec["options"].items()}
         if int(spec.get("size", 0)) < 1:
             raise ValueError("source spec: kind 'reasoning_gym' needs 'size' >= 1")
     else:
@@ -69,7 +79,8 @@ def load_source(spec: dict) -> tuple[list[dict], dict | None]:
     """Examples for a spec, plus the loader's report (None for generated data)."""
     spec = check_spec(spec)
     if spec["kind"] in GENERATED_KINDS:
-        return generate_math_problems(int(spec["size"]), int(spec["seed"]), tuple(spec["families"])), None
+        return generate_math_problems(int(spec["size"]), int(spec["seed"]), tuple(spec["families"]),
+                                      spec.get("options")), None
     examples, report = FILE_LOADERS[spec["kind"]](spec["path"], on_error=spec["on_error"])
     return examples, report.to_dict()
 
@@ -77,7 +88,7 @@ def load_source(spec: dict) -> tuple[list[dict], dict | None]:
 def fingerprint(spec: dict, extra: dict) -> str:
     """Short hash of the spec, split settings and the file's bytes: a new one rebuilds."""
     spec = check_spec(spec)
-    h = hashlib.sha256(json.dumps({"spec": spec, "extra": extra}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"spec": spec, "extra": extra, "split": _SPLIT_RULE}, sort_keys=True).encode())
     if "path" in spec:
         path = pathlib.Path(spec["path"])
         if path.is_file():
@@ -85,11 +96,21 @@ def fingerprint(spec: dict, extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
+# Changes when the split's rule does, so datasets built by the old rule are rebuilt.
+_SPLIT_RULE = "seeded-choice; train drops copies of validation examples"
+
+
+def _content(example: dict) -> str:
+    return json.dumps({k: v for k, v in example.items() if k not in ("id", "source")}, sort_keys=True)
+
+
 def split_examples(examples: list[dict], validation_size: float | int, seed: int) -> tuple[list[dict], list[dict]]:
     """Deterministic train/validation split: a seeded choice of validation rows.
 
     `validation_size` is a count (int >= 0) or a fraction in [0, 1). Both
-    splits keep the file's order, so the split is readable and stable.
+    splits keep the file's order, so the split is readable and stable. A training
+    row with the same content as a validation row (generated data repeats small
+    problems; files repeat rows) is dropped, so held-out examples are never trained on.
     """
     n = len(examples)
     if isinstance(validation_size, float) and not isinstance(validation_size, bool):
@@ -102,6 +123,11 @@ def split_examples(examples: list[dict], validation_size: float | int, seed: int
         raise ValueError(f"validation_size {validation_size} leaves no training data out of {n} examples")
     chosen = np.zeros(n, dtype=bool)
     chosen[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-    train = [e for e, c in zip(examples, chosen) if not c]
     val = [e for e, c in zip(examples, chosen) if c]
+    held_out = {_content(e) for e in val}
+    train = [e for e, c in zip(examples, chosen) if not c and _content(e) not in held_out]
+    if len(train) + len(val) < n:
+        logger.info("split: %d training examples dropped (copies of validation examples)", n - len(train) - len(val))
+    if not train:
+        raise ValueError(f"validation_size {validation_size}: every training example is a copy of a validation one")
     return train, val

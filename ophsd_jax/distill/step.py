@@ -59,6 +59,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    mu_dtype: str = "float32"  # Adam's first moment (bfloat16 halves it; the second moment stays float32)
 
 
 class TrainState(NamedTuple):
@@ -95,7 +96,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=decay_mask),
+                    weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.dtype(cfg.mu_dtype)),
     )
     return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
 
