@@ -42,6 +42,24 @@ def logged_steps(workdir: str) -> set[int]:
     return steps
 
 
+def _import_tensorboardx():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch, when
+    installed, only to recognise torch tensors (we log floats), and torch adds ~0.2 GB to
+    the trainer's resident memory. Blocked only while tensorboardX loads, and only if
+    nothing has imported torch already."""
+    import sys
+
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -50,8 +68,7 @@ class MetricsWriter:
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             try:
-                from tensorboardX import SummaryWriter
-
+                SummaryWriter = _import_tensorboardx()
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # TensorBoard is optional; JSONL always works
                 self._tb = None

@@ -280,6 +280,37 @@ def test_reasoning_gym_source_has_checked_worked_solutions():
         assert e["solution"].endswith(f"The answer is {e['answer']}.")
     again, _ = load_source({"kind": "reasoning_gym", "size": 30, "seed": 5, "on_error": "skip"})
     assert again == examples
+    # generated in a child process (see below): the same as generating here
+    from ophsd_jax.data.generated_math import generate_math_problems
+
+    assert examples == generate_math_problems(30, 5)
+
+
+def test_the_trainer_process_does_not_keep_heavy_optional_imports(tmp_path):
+    """Generating reasoning-gym data, writing metrics (tensorboardX) and building the
+    Plan-Solve harness leave reasoning-gym (sympy, matplotlib), torch and scikit-learn out
+    of the process: each would stay resident for the whole run (~0.1-0.2 GB each)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from ophsd_jax import runtime
+from ophsd_jax.data.sources import load_source
+from ophsd_jax.data.tasks import make_task
+from ophsd_jax.harnesses.factory import make_harness
+from ophsd_jax.metrics import MetricsWriter
+examples, _ = load_source({{"kind": "reasoning_gym", "size": 6, "seed": 1}})
+make_harness("plan_solve", make_task("math"), {{}}, train_examples=examples)
+w = MetricsWriter({str(tmp_path)!r}); w.write(1, {{"loss": 1.0}})
+import os
+assert os.listdir({str(tmp_path / "tensorboard")!r})  # TensorBoard events were written
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "sklearn", "reasoning_gym", "sympy", "matplotlib"}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_reasoning_gym_difficulty_options():

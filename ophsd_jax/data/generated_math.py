@@ -10,7 +10,11 @@ so a mismatch fails loudly instead of teaching a wrong solution.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 FAMILIES = ("chain_sum", "products", "gsm_symbolic")
 
@@ -112,3 +116,34 @@ def generate_math_problems(size: int, seed: int, families=FAMILIES, options: dic
     for i in range(max(per_family)):
         out += [g[i] for g in generated if i < len(g)]
     return out
+
+
+_CHILD = """
+import json, sys
+from ophsd_jax.data.generated_math import generate_math_problems
+a = json.load(sys.stdin)
+try:
+    out = generate_math_problems(a["size"], a["seed"], tuple(a["families"]), a["options"])
+except ValueError as e:
+    print(json.dumps({"error": str(e)}))
+else:
+    print(json.dumps({"examples": out}))
+"""
+
+
+def generate_math_problems_in_child(size: int, seed: int, families=FAMILIES, options: dict | None = None) -> list[dict]:
+    """`generate_math_problems` in a child Python process. Importing reasoning-gym loads
+    sympy, matplotlib and the rest of its generators (~0.1 GB) that would stay resident in
+    the trainer for the whole run; only the examples (JSON) come back. Same errors."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    args = {"size": size, "seed": seed, "families": list(families), "options": options or {}}
+    proc = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(args), capture_output=True, text=True,
+                          env=env)
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise RuntimeError(f"generating reasoning-gym problems failed in a child process: {tail[0]}") from None
+    if "error" in result:
+        raise ValueError(result["error"])
+    return result["examples"]

@@ -17,7 +17,7 @@ import pathlib
 
 import numpy as np
 
-from ophsd_jax.data.generated_math import FAMILIES, generate_math_problems
+from ophsd_jax.data.generated_math import FAMILIES, generate_math_problems_in_child
 from ophsd_jax.data.load_lawbench import load_lawbench
 from ophsd_jax.data.load_math import load_gsm8k_jsonl, load_math_json
 from ophsd_jax.data.load_uspto import load_uspto_csv, load_uspto_json
@@ -79,8 +79,8 @@ def load_source(spec: dict) -> tuple[list[dict], dict | None]:
     """Examples for a spec, plus the loader's report (None for generated data)."""
     spec = check_spec(spec)
     if spec["kind"] in GENERATED_KINDS:
-        return generate_math_problems(int(spec["size"]), int(spec["seed"]), tuple(spec["families"]),
-                                      spec.get("options")), None
+        return generate_math_problems_in_child(int(spec["size"]), int(spec["seed"]), tuple(spec["families"]),
+                                               spec.get("options")), None
     examples, report = FILE_LOADERS[spec["kind"]](spec["path"], on_error=spec["on_error"])
     return examples, report.to_dict()
 

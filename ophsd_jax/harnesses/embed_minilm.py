@@ -16,7 +16,6 @@ import json
 import pathlib
 
 import numpy as np
-from scipy.special import erf
 
 from ophsd_jax.harnesses.embed_tfidf import l2_normalize
 
@@ -81,6 +80,8 @@ class MiniLMEmbedder:
         return self
 
     def _encode_batch(self, ids: list[list[int]]) -> np.ndarray:
+        from scipy.special import erf  # lazy: scipy is only needed once this embedder runs
+
         w, cfg = self._weights, self._config
         eps = cfg["layer_norm_eps"]
         heads = cfg["num_attention_heads"]

@@ -14,8 +14,6 @@ pickle and restored to give bit-identical embeddings.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 
 # Up to this many texts the SVD goes through the small [n, n] Gram matrix.
@@ -75,7 +73,9 @@ class TfidfSvdEmbedder:
     def output_dim(self) -> int | None:
         return None if self._components is None else int(self._components.shape[0])
 
-    def _new_vectorizer(self, vocabulary=None) -> TfidfVectorizer:
+    def _new_vectorizer(self, vocabulary=None):
+        from sklearn.feature_extraction.text import TfidfVectorizer  # lazy: ~0.1 GB, only for retrieval harnesses
+
         # Case matters in SMILES (aromatic c vs aliphatic C), so no lowercasing.
         return TfidfVectorizer(
             analyzer="char",
@@ -99,6 +99,8 @@ class TfidfSvdEmbedder:
         if tfidf.shape[0] <= _GRAM_LIMIT:
             components = _svd_components_from_gram(tfidf, n_components)
         else:
+            from sklearn.decomposition import TruncatedSVD
+
             svd = TruncatedSVD(n_components=n_components, random_state=self.seed).fit(tfidf)
             components = svd.components_
         self._vectorizer = vectorizer
