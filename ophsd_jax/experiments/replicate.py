@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 
@@ -348,9 +349,6 @@ def replicate(base, out: str, *, conditions: list[str], seeds: list[int], quick:
 def main(argv):
     del argv
     from ophsd_jax import train
-
-    import signal
-
     from ophsd_jax.run import Run
 
     command = "python -m ophsd_jax.experiments.replicate " + " ".join(sys.argv[1:])
