@@ -334,12 +334,23 @@ class Sampler:
         n_chunks = -(-most // rows)
         progress = _progress(most * count, self.show_progress and n_chunks > 1)
         t0 = time.perf_counter()
-        # auto: continuous batching when the call has more prompts than slots (otherwise
-        # every prompt starts at once and the static program is the same work, cheaper)
-        if self.batching == "continuous" or (self.batching == "auto" and n_chunks > 1):
+        # Which prompt bucket each prompt falls in, and the most prompts any process has in each.
+        bucket(longest, self.prompt_buckets, "prompt length")  # raises on every process alike: too long
+        b_of = [bisect.bisect_left(self.prompt_buckets, len(p)) for p in prompts]
+        per_bucket = np.bincount(np.asarray(b_of, np.int64), minlength=len(self.prompt_buckets)).tolist()
+        per_bucket = parallel.agree_max(per_bucket) if count > 1 else per_bucket
+        # auto: the slot path when the call has more prompts than slots (continuous batching)
+        # or prompts of several buckets (each bucket prefilled at its own size, not all at the
+        # longest); otherwise every prompt starts at once and the static program is cheaper.
+        mixed = sum(c > 0 for c in per_bucket) > 1
+        if self.batching == "continuous" or (self.batching == "auto" and (n_chunks > 1 or mixed)):
             all_rows = RowSampling(keys, temps, top_ks, top_ps, limits)
-            for i, (tok, lp) in self._run_slots(params, prompts, longest, all_rows, stop, statics, progress):
-                tokens[i], logprobs[i], lengths[i] = tok, lp, len(tok)
+            for idx, most_b, b in self._slot_runs(b_of, per_bucket, most, n_chunks):
+                run_rows = RowSampling(*(x[np.asarray(idx, np.int64)] for x in all_rows))
+                longest_b = self.prompt_buckets[b]
+                for j, (tok, lp) in self._run_slots(params, [prompts[i] for i in idx], longest_b, run_rows, stop,
+                                                    statics, progress, slots=self._rows_bucket(most_b)):
+                    tokens[idx[j]], logprobs[idx[j]], lengths[idx[j]] = tok, lp, len(tok)
             n_chunks = 0
         for c in range(n_chunks):
             idx = list(range(c * rows, min((c + 1) * rows, n)))  # may be empty on some processes
@@ -358,15 +369,35 @@ class Sampler:
 
     # ---- internals --------------------------------------------------------------------
 
+    def _rows_bucket(self, n_rows: int) -> int:
+        """This process's rows in the batch bucket for `n_rows` (the most rows any process
+        has): powers of two times the batch-shard count, at most `max_batch`."""
+        count = self.share[1]
+        B = max(1, self.batch_shards // count)
+        while B < n_rows:
+            B *= 2
+        return min(B, self.max_batch // count)
+
+    def _slot_runs(self, b_of: list[int], per_bucket: list[int], most: int, n_chunks: int):
+        """The slot path's runs: (this process's prompt indices, the most prompts any process
+        has in the run, the run's prompt bucket index). A call with more prompts than slots
+        makes one run per prompt bucket, longest first: with slots busy either way, a row
+        then never decodes against a longer neighbour's cache (at 4k-token drafts joined
+        with 500-token answers the cache, and every decode step's attention, would be 8x
+        the answers' own). A call that fits the slots is one run: every row starts at once
+        and only the prefill is per bucket."""
+        if n_chunks <= 1:
+            top = max(b for b, c in enumerate(per_bucket) if c)
+            return [(list(range(len(b_of))), most, top)]
+        return [([i for i, bi in enumerate(b_of) if bi == b], c, b)
+                for b, c in reversed(list(enumerate(per_bucket))) if c]
+
     def _run_chunk(self, params, prompts, n_rows, longest, sampling: RowSampling, stop, statics):
         """One jitted call on `prompts` (this process's rows; `n_rows` is the most rows any
         process has in this chunk, `longest` the agreed longest prompt or None = these prompts')."""
         n = len(prompts)
         count = self.share[1]
-        B = self.batch_shards // count  # this process's rows in the batch bucket
-        while B < n_rows:  # batch bucket: powers of two times the batch-shard count
-            B *= 2
-        B = min(B, self.max_batch // count)
+        B = self._rows_bucket(n_rows)
         P = bucket(longest or max(len(p) for p in prompts), self.prompt_buckets, "prompt length")
         toks = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), np.int32)
@@ -408,20 +439,22 @@ class Sampler:
 
     # ---- continuous batching ----------------------------------------------------------
 
-    def _run_slots(self, params, prompts, longest: int, rows: RowSampling, stop, statics, progress):
+    def _run_slots(self, params, prompts, longest: int, rows: RowSampling, stop, statics, progress, slots: int):
         """Continuous batching: yields (prompt index, (tokens, logprobs)) as rows finish.
 
-        A fixed set of decode slots (this process's `max_batch / processes` rows of the
-        batch); a waiting prompt is prefilled into a slot as soon as it is free, so a
+        A fixed set of decode slots (`slots`: this process's rows of the batch, at most
+        `max_batch / processes`); a waiting prompt is prefilled into a slot as soon as it is free, so a
         call costs about its total tokens, not rows x its longest row. A row draws with
         its own key and token index only, so its output does not depend on its slot, its
         neighbours or the timing. The cache has the longest prompt's bucket before the
-        generated tokens; a prompt of a smaller bucket is written just before them.
-        Multi-process: every decision that shapes a program (refill size, its prompt
-        bucket, whether to go on) is agreed, so all processes run the same programs."""
+        generated tokens; a prompt of a smaller bucket is written just before them. The
+        prompts taken by one refill are prefilled per bucket, each group at its own size.
+        Multi-process: every decision that shapes a program (refill sizes, their prompt
+        buckets, whether to go on) is agreed, so all processes run the same programs."""
         count, (share, _) = self.share[1], self.share
-        S = self.max_batch // count  # this process's slots
+        S = slots  # this process's slots
         P = bucket(longest, self.prompt_buckets, "prompt length")
+        nb = len(self.prompt_buckets)
         n_new = statics["n_new_bucket"]
         per_call = {k: v for k, v in statics.items() if k != "n_new_bucket"}  # the slot state fixes n_new
         state = self._slots_init(batch=S * count, prompt_len=P, n_new=n_new, key_shape=rows.keys.shape[1:])
@@ -431,19 +464,24 @@ class Sampler:
         while True:
             free = [s for s in range(S) if owner[s] < 0]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-            flags = [len(take), max((len(prompts[i]) for i in take), default=1), len(queue),
-                     sum(o >= 0 for o in owner) + len(take)]
-            k, longest_k, waiting, active = parallel.agree_max(flags) if count > 1 else flags
-            if k:
+            groups = [[] for _ in range(nb)]  # (slot, prompt index) per prompt bucket
+            for s, i in zip(free, take):
+                groups[bisect.bisect_left(self.prompt_buckets, len(prompts[i]))].append((s, i))
+            flags = [len(g) for g in groups] + [len(queue), sum(o >= 0 for o in owner) + len(take)]
+            *ks, waiting, active = parallel.agree_max(flags) if count > 1 else flags
+            for b, k in enumerate(ks):
+                if not k:
+                    continue
                 kb = min(S, 1 << (k - 1).bit_length())  # refill sizes: powers of two
-                Pk = bucket(longest_k, self.prompt_buckets, "prompt length")
+                Pk = self.prompt_buckets[b]
                 toks, mask = np.full((kb, Pk), self.pad_id, np.int32), np.zeros((kb, Pk), np.int32)
                 slots = np.full((kb,), S * count, np.int32)  # padding rows: out of range, dropped
-                for r, (s, i) in enumerate(zip(free, take)):
+                for r, (s, i) in enumerate(groups[b]):
                     toks[r, Pk - len(prompts[i]):], mask[r, Pk - len(prompts[i]):] = prompts[i], 1
                     slots[r], owner[s] = share * S + s, i
-                mask[len(take):, -1] = 1
-                idx = np.asarray(take + [0] * (kb - len(take)), np.int64) if prompts else np.zeros(kb, np.int64)
+                mask[len(groups[b]):, -1] = 1
+                take_b = [i for _, i in groups[b]]
+                idx = np.asarray(take_b + [0] * (kb - len(take_b)), np.int64) if prompts else np.zeros(kb, np.int64)
                 new = RowSampling(*(x[idx] if len(x) else np.zeros((kb, *x.shape[1:]), x.dtype) for x in rows))
                 sh = lambda x: parallel.named_sharding(self.mesh, ("batch",) + (None,) * (x.ndim - 1),  # noqa: E731
                                                        (kb * count, *x.shape[1:]))

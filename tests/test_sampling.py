@@ -442,6 +442,46 @@ def test_a_prompts_sample_does_not_depend_on_its_slot_or_neighbours(model):
     assert len({tuple(t) for t in together.tokens}) > 5  # really sampled, not one constant row
 
 
+def _spy(sampler, name, record):
+    """Wrap one of the sampler's jitted programs to record its calls' (args, kwargs)."""
+    inner = getattr(sampler, name)
+
+    def call(*args, **kwargs):
+        record.append((args, kwargs))
+        return inner(*args, **kwargs)
+    setattr(sampler, name, call)
+
+
+def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model):
+    """A call that fits the slots but spans prompt buckets (the rollout joined with longer
+    harness prompts) starts every row at once, but prefills each bucket's prompts at that
+    bucket's size, not all at the longest; a call with more prompts than slots runs one
+    slot state per bucket, longest first, each with a cache of its own bucket. Greedy
+    tokens equal the static path's (every row at the longest bucket)."""
+    _, cfg, graphdef, params = model
+    mesh = parallel.single_device_mesh()
+    short, long = [p for p in RAGGED if len(p) <= 8][:3], [p for p in RAGGED if len(p) > 16][:2]
+    assert len(short) == 3 and len(long) == 2
+    prompts = short + long
+    kw = dict(max_new_tokens=[3, 5, 4, 6, 2], rng=jax.random.key(0), temperature=0.0)
+    static = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="static",
+                     prompt_buckets=(8, 16, 32)).generate(params, prompts, **kw)
+    sampler = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, prompt_buckets=(8, 16, 32))
+    refills, inits = [], []
+    _spy(sampler, "_refill", refills)
+    _spy(sampler, "_slots_init", inits)
+    out = sampler.generate(params, prompts, **kw)
+    assert out.tokens == static.tokens
+    assert sorted(args[2].shape for args, _ in refills) == [(2, 32), (4, 8)]  # rows (powers of two) x bucket
+    assert [k["prompt_len"] for _, k in inits] == [32] and [k["batch"] for _, k in inits] == [8]
+    # More prompts than the 2 slots: a slot state per bucket, the longest first.
+    refills.clear(), inits.clear()
+    small = Sampler(cfg, graphdef, mesh, max_batch=2, show_progress=False, prompt_buckets=(8, 16, 32))
+    _spy(small, "_slots_init", inits)
+    assert small.generate(params, prompts, **kw).tokens == static.tokens
+    assert [k["prompt_len"] for _, k in inits] == [32, 8]
+
+
 @pytest.mark.slow  # (CI time) the two-process slow test also runs continuous batching over shards
 def test_continuous_batching_on_a_sharded_mesh_matches_one_device(model):
     _, cfg, graphdef, params = model
