@@ -32,6 +32,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -288,15 +289,35 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         # decode state without the prefill, so its peak is no higher.
         out.append(Program(f"generate_{name}[B={Bs},P={prompt_len},new={new}]",
                            lambda args=args, kw=kw: sampler._start.lower(*args, **kw), sampler_resident))
+        # The slot path (calls with more prompts than slots, or prompts of several buckets):
+        # every slot refilled at once at this bucket, and a decode segment over the slots.
+        per_call = {k: v for k, v in kw.items() if k != "n_new_bucket"}
+        slots = functools.partial(_slot_state, sampler, Bs, prompt_len, new, key_data.shape)
+        refill_args = lambda args=args, slots=slots: (args[0], slots(), args[1], args[2], row(jnp.int32), args[3],  # noqa: E731
+                                                      args[4])
+        out.append(Program(f"generate_{name}_refill[B={Bs},P={prompt_len},new={new}]",
+                           lambda a=refill_args, kw=per_call: sampler._refill.lower(*a(), **kw), sampler_resident))
+        segment_args = lambda args=args, slots=slots: (args[0], slots(), args[4], args[5], row(jnp.bool_),  # noqa: E731
+                                                       args[5])
+        out.append(Program(f"generate_{name}_segment[B={Bs},P={prompt_len},new={new}]",
+                           lambda a=segment_args, kw=per_call: sampler._segment.lower(*a(), **kw), sampler_resident))
     if programs:
         out = [p for p in out if _selected(p.name, programs)]
     return out
 
 
+def _slot_state(sampler, batch: int, prompt_len: int, n_new: int, key_shape):
+    """The continuous-batching slot state as the sampler lays it out on the target (the
+    shapes and shardings of its `_slots_init` program's output), abstract."""
+    lowered = sampler._slots_init.lower(batch=batch, prompt_len=prompt_len, n_new=n_new, key_shape=key_shape)
+    shardings = lowered.compile().output_shardings
+    return jax.tree.map(lambda a, sh: abstract(a.shape, a.dtype, sh), lowered.out_info, shardings)
+
+
 def _selected(name: str, wanted: set[str]) -> bool:
     """`--programs` matching: "train" or "train_step"; "rollout", "harness_plan",
     "rollout+harness_plan" or "generate_rollout+harness_plan"; "solve" or "harness_solve"."""
-    base = name.split("[")[0]
+    base = name.split("[")[0].removesuffix("_refill").removesuffix("_segment")  # a call's slot-path programs
     short = base.removeprefix("generate_")
     parts = {short, base, *short.split("+")}
     parts |= {p.removeprefix("harness_") for p in parts} | {base.split("_")[0]}

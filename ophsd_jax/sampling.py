@@ -451,7 +451,7 @@ class Sampler:
         prompts taken by one refill are prefilled per bucket, each group at its own size.
         Multi-process: every decision that shapes a program (refill sizes, their prompt
         buckets, whether to go on) is agreed, so all processes run the same programs."""
-        count, (share, _) = self.share[1], self.share
+        count = self.share[1]
         S = slots  # this process's slots
         P = bucket(longest, self.prompt_buckets, "prompt length")
         nb = len(self.prompt_buckets)
@@ -461,27 +461,37 @@ class Sampler:
         owner = [-1] * S  # the prompt each slot is generating, -1: free
         queue = collections.deque(range(len(prompts)))
         refill_at = max(1, S // 4)  # free slots (of one process) worth a refill while it has prompts waiting
+        local = max(1, self.batch_shards // count)  # this process's devices holding batch rows
+        per_device = S // local  # slots on each of them
         while True:
             free = [s for s in range(S) if owner[s] < 0]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-            groups = [[] for _ in range(nb)]  # (slot, prompt index) per prompt bucket
-            for s, i in zip(free, take):
-                groups[bisect.bisect_left(self.prompt_buckets, len(prompts[i]))].append((s, i))
-            flags = [len(g) for g in groups] + [len(queue), sum(o >= 0 for o in owner) + len(take)]
-            *ks, waiting, active = parallel.agree_max(flags) if count > 1 else flags
-            for b, k in enumerate(ks):
-                if not k:
+            # Each prompt goes to a free slot on the device that will hold its refill row
+            # (see `_refill_fn`): per prompt bucket, the prompts are dealt to the devices with
+            # the most free slots; the refill has the same number of rows on every device.
+            left = [[s for s in free if s // per_device == d] for d in range(local)]
+            placed = [[[] for _ in range(local)] for _ in range(nb)]  # [bucket][device] -> (slot, prompt)
+            for i in take:
+                d = max(range(local), key=lambda d: len(left[d]))
+                placed[bisect.bisect_left(self.prompt_buckets, len(prompts[i]))][d].append((left[d].pop(0), i))
+            flags = [max(len(g) for g in groups) for groups in placed] + [len(queue), sum(o >= 0 for o in owner)
+                                                                          + len(take)]
+            *qs, waiting, active = parallel.agree_max(flags) if count > 1 else flags
+            for b, q in enumerate(qs):
+                if not q:
                     continue
-                kb = min(S, 1 << (k - 1).bit_length())  # refill sizes: powers of two
-                Pk = self.prompt_buckets[b]
+                q = min(per_device, 1 << (q - 1).bit_length())  # rows per device: powers of two
+                kb, Pk = q * local, self.prompt_buckets[b]
                 toks, mask = np.full((kb, Pk), self.pad_id, np.int32), np.zeros((kb, Pk), np.int32)
-                slots = np.full((kb,), S * count, np.int32)  # padding rows: out of range, dropped
-                for r, (s, i) in enumerate(groups[b]):
-                    toks[r, Pk - len(prompts[i]):], mask[r, Pk - len(prompts[i]):] = prompts[i], 1
-                    slots[r], owner[s] = share * S + s, i
-                mask[len(groups[b]):, -1] = 1
-                take_b = [i for _, i in groups[b]]
-                idx = np.asarray(take_b + [0] * (kb - len(take_b)), np.int64) if prompts else np.zeros(kb, np.int64)
+                slots = np.full((kb,), per_device, np.int32)  # padding rows: out of range, dropped
+                mask[:, -1] = 1  # padding rows see one (pad) token so their softmax is well defined
+                idx = np.zeros((kb,), np.int64)
+                for d, group in enumerate(placed[b]):
+                    for j, (s, i) in enumerate(group):
+                        r = d * q + j
+                        toks[r], mask[r] = self.pad_id, 0
+                        toks[r, Pk - len(prompts[i]):], mask[r, Pk - len(prompts[i]):] = prompts[i], 1
+                        slots[r], owner[s], idx[r] = s - d * per_device, i, i
                 new = RowSampling(*(x[idx] if len(x) else np.zeros((kb, *x.shape[1:]), x.dtype) for x in rows))
                 sh = lambda x: parallel.named_sharding(self.mesh, ("batch",) + (None,) * (x.ndim - 1),  # noqa: E731
                                                        (kb * count, *x.shape[1:]))
@@ -528,8 +538,12 @@ class Sampler:
 
     def _refill_fn(self, params, state: "SlotState", prompt, prompt_mask, slots, new: RowSampling, stop, *,
                    greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int) -> "SlotState":
-        """Prefill `prompt` rows (left-padded to their bucket Pk) into the slots `slots`
-        (out of range: a padding row, dropped): cache slots [P - Pk, P), first token."""
+        """Prefill `prompt` rows (left-padded to their bucket Pk) into decode slots: cache
+        slots [P - Pk, P), first token. `slots[r]` is the slot of row r within the block
+        of slots on the device that holds row r (rows and slots are split alike over the
+        batch shards; out of range: a padding row, dropped), so every device writes only
+        its own rows: a scatter across devices would gather the whole prefilled cache
+        (compile_check: 103 GiB per H100 at the paper's lengths)."""
         self.trace_count += 1
         with parallel.activation_mesh(self.mesh):
             model = nnx.merge(self.graphdef, params)
@@ -542,25 +556,45 @@ class Sampler:
             logits = logits_fn(last)
             first = sample_rows(logits, new, 0, greedy=greedy, use_top_k=use_top_k, use_top_p=use_top_p,
                                 top_k_cap=top_k_cap)
-            put = lambda x, v: x.at[slots].set(v, mode="drop")  # noqa: E731
+            rows = SlotState(part, jnp.zeros((k, P + n_new), jnp.int32).at[:, P - Pk:P].set(prompt_mask),
+                             jnp.zeros((k, n_new), jnp.int32).at[:, 0].set(first),
+                             jnp.zeros((k, n_new), jnp.float32).at[:, 0].set(_token_logprob(logits, first)),
+                             jnp.ones((k,), jnp.int32), jnp.isin(first, stop) | (new.limit <= 1),
+                             positions[:, -1] + 1, new)
+            return self._write_rows(state, rows, slots, P - Pk, per_layer=layers is not None)
 
-            def write(c, p, keys):  # this prompt's keys [k,K,Dh,Pk] / values [k,K,Pk,Dh] at slots [P-Pk, P)
-                at = (slice(None), slice(None), slice(P - Pk, P)) if keys else (slice(None), slice(P - Pk, P))
-                if layers is not None:  # per-layer arrays [B, ...]
-                    return c.at[(slots, *at)].set(p, mode="drop")
-                return c.at[(slice(None), slots, *at)].set(p, mode="drop")  # stacked [L, B, ...]
+    def _write_rows(self, state: "SlotState", rows: "SlotState", slots, at: int, *, per_layer: bool) -> "SlotState":
+        """`state` with each device's rows of `rows` written into its own slots `slots`
+        (local to the device's block; out of range: dropped); the cache rows at [at, at + Pk)."""
+        key_axes, value_axes = (a[1:] if per_layer else a for a in KVCache.AXES)
+        b = 0 if per_layer else 1  # the cache's batch axis
+        kinds = SlotState(KVCache(jax.tree.map(lambda _: ("k", key_axes), state.cache.k),
+                                  jax.tree.map(lambda _: ("v", value_axes), state.cache.v)),
+                          *(jax.tree.map(lambda x: ("row", ("batch",) + (None,) * (x.ndim - 1)), f)
+                            for f in state[1:]))
+        kinds, treedef = jax.tree.flatten(kinds, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], str))
+        dest, new = treedef.flatten_up_to(state), treedef.flatten_up_to(rows)
 
-            cache = KVCache(jax.tree.map(lambda c, p: write(c, p, True), state.cache.k, part.k),
-                            jax.tree.map(lambda c, p: write(c, p, False), state.cache.v, part.v))
-            kv_row = jnp.zeros((k, P + n_new), jnp.int32).at[:, P - Pk:P].set(prompt_mask)
-            return SlotState(cache, put(state.kv_mask, kv_row),
-                             put(state.out_tok, jnp.zeros((k, n_new), jnp.int32).at[:, 0].set(first)),
-                             put(state.out_lp, jnp.zeros((k, n_new), jnp.float32).at[:, 0].set(
-                                 _token_logprob(logits, first))),
-                             put(state.t, jnp.ones((k,), jnp.int32)),
-                             put(state.done, jnp.isin(first, stop) | (new.limit <= 1)),
-                             put(state.pos, positions[:, -1] + 1),
-                             RowSampling(*(put(a, b) for a, b in zip(state.rows, new))))
+        def write(slots, dest, new):
+            out = []
+            for (kind, _), d, n in zip(kinds, dest, new):
+                idx = [slice(None)] * d.ndim
+                idx[b if kind != "row" else 0] = slots
+                if kind != "row":  # keys [.., K, Dh, S], values [.., K, S, Dh]
+                    idx[-1 if kind == "k" else -2] = slice(at, at + n.shape[-1 if kind == "k" else -2])
+                out.append(d.at[tuple(idx)].set(n.astype(d.dtype), mode="drop"))
+            return out
+
+        if self.batch_shards == 1:
+            out = write(slots, dest, new)
+        else:
+            specs = lambda xs: [parallel.logical_to_spec(names, x.shape, self.mesh)  # noqa: E731
+                                for (_, names), x in zip(kinds, xs)]
+            out = jax.shard_map(write, mesh=self.mesh, in_specs=(parallel.logical_to_spec(("batch",), slots.shape,
+                                                                                           self.mesh),
+                                                                 specs(dest), specs(new)),
+                                out_specs=specs(dest), check_vma=False)(slots, dest, new)
+        return jax.tree.unflatten(treedef, out)
 
     def _segment_fn(self, params, state: "SlotState", stop, segment, waits, want, *, greedy: bool,
                     use_top_k: bool, use_top_p: bool, top_k_cap: int) -> "SlotState":

@@ -192,12 +192,20 @@ def _write_slots(buf, new, cache_index, layer=None, keys: bool = False):
         start = (0, 0, 0, cache_index) if keys else (0, 0, cache_index, 0)
         return jax.lax.dynamic_update_slice(buf, new, start if layer is None else (layer, *start))
 
-    def row(b, n, i):  # one row: [L,] K, Dh, S (keys) or [L,] K, S, Dh
-        start = (0, 0, i) if keys else (0, i, 0)
-        return jax.lax.dynamic_update_slice(b, n, start if layer is None else (layer, *start))
-
-    axis = buf.ndim - 4  # the batch axis; per row (continuous batching) a scatter at each row's slot
-    return jax.vmap(row, in_axes=(axis, axis, 0), out_axes=axis)(buf, new, cache_index)
+    # Per row (continuous batching): a scatter at each row's own slots, indexed by (row,
+    # slot) pairs. Not a vmapped dynamic_update_slice: its scatter with a batching dimension
+    # fails XLA:GPU's verifier once the batch is sharded (compile_check, 8xH100).
+    new = new.reshape(new.shape[-4:])  # [B, K, T, Dh] or [B, K, Dh, T] (no stacked-layer axis)
+    B, T = new.shape[0], new.shape[-1 if keys else -2]
+    rows = jnp.arange(B)[:, None]
+    slots = jnp.reshape(cache_index, (B, 1)) + jnp.arange(T)[None]  # [B, T]
+    lead = () if layer is None else (layer,)
+    # Advanced indices on the row and slot axes, split by the head (and head_dim) slices:
+    # numpy puts the broadcast [B, T] axes first, so the update is [B, T, K, Dh].
+    update = jnp.moveaxis(new, (-4, -1 if keys else -2), (0, 1))
+    if keys:
+        return buf.at[(*lead, rows, slice(None), slice(None), slots)].set(update)
+    return buf.at[(*lead, rows, slice(None), slots)].set(update)
 
 
 def rms_norm(x, weight, eps):
