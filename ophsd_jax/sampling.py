@@ -339,11 +339,13 @@ class Sampler:
         b_of = [bisect.bisect_left(self.prompt_buckets, len(p)) for p in prompts]
         per_bucket = np.bincount(np.asarray(b_of, np.int64), minlength=len(self.prompt_buckets)).tolist()
         per_bucket = parallel.agree_max(per_bucket) if count > 1 else per_bucket
-        # auto: the slot path when the call has more prompts than slots (continuous batching)
-        # or prompts of several buckets (each bucket prefilled at its own size, not all at the
-        # longest); otherwise every prompt starts at once and the static program is cheaper.
-        mixed = sum(c > 0 for c in per_bucket) > 1
-        if self.batching == "continuous" or (self.batching == "auto" and (n_chunks > 1 or mixed)):
+        # auto: the slot path (continuous batching) when the call has more prompts than
+        # slots. A call that fits the slots starts every prompt at once on the static path,
+        # all rows prefilled at the longest bucket: on the embedded default the slot path
+        # (each bucket prefilled at its own size) decoded such calls ~10% faster once
+        # compiled, but compiled more programs and kept ~0.6 GB more resident, for the same
+        # wall clock (docs/benchmarks.md); `continuous` takes it anyway.
+        if self.batching == "continuous" or (self.batching == "auto" and n_chunks > 1):
             all_rows = RowSampling(keys, temps, top_ks, top_ps, limits)
             for idx, most_b, b in self._slot_runs(b_of, per_bucket, most, n_chunks):
                 run_rows = RowSampling(*(x[np.asarray(idx, np.int64)] for x in all_rows))
@@ -467,13 +469,15 @@ class Sampler:
             free = [s for s in range(S) if owner[s] < 0]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
             # Each prompt goes to a free slot on the device that will hold its refill row
-            # (see `_refill_fn`): per prompt bucket, the prompts are dealt to the devices with
-            # the most free slots; the refill has the same number of rows on every device.
+            # (see `_refill_fn`). A refill has the same number of rows on every device, so
+            # each bucket's prompts are dealt evenly: to the device with the fewest of them
+            # so far, then the most free slots.
             left = [[s for s in free if s // per_device == d] for d in range(local)]
             placed = [[[] for _ in range(local)] for _ in range(nb)]  # [bucket][device] -> (slot, prompt)
-            for i in take:
-                d = max(range(local), key=lambda d: len(left[d]))
-                placed[bisect.bisect_left(self.prompt_buckets, len(prompts[i]))][d].append((left[d].pop(0), i))
+            for i in sorted(take, key=lambda i: len(prompts[i])):
+                group = placed[bisect.bisect_left(self.prompt_buckets, len(prompts[i]))]
+                d = min((d for d in range(local) if left[d]), key=lambda d: (len(group[d]), -len(left[d])))
+                group[d].append((left[d].pop(0), i))
             flags = [max(len(g) for g in groups) for groups in placed] + [len(queue), sum(o >= 0 for o in owner)
                                                                           + len(take)]
             *qs, waiting, active = parallel.agree_max(flags) if count > 1 else flags

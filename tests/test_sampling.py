@@ -453,11 +453,12 @@ def _spy(sampler, name, record):
 
 
 def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model):
-    """A call that fits the slots but spans prompt buckets (the rollout joined with longer
-    harness prompts) starts every row at once, but prefills each bucket's prompts at that
-    bucket's size, not all at the longest; a call with more prompts than slots runs one
-    slot state per bucket, longest first, each with a cache of its own bucket. Greedy
-    tokens equal the static path's (every row at the longest bucket)."""
+    """On the slot path, a call that fits the slots but spans prompt buckets (the rollout
+    joined with longer harness prompts) starts every row at once, but prefills each
+    bucket's prompts at that bucket's size, not all at the longest; a call with more
+    prompts than slots (auto) runs one slot state per bucket, longest first, each with a
+    cache of its own bucket. Greedy tokens equal the static path's (every row at the
+    longest bucket)."""
     _, cfg, graphdef, params = model
     mesh = parallel.single_device_mesh()
     short, long = [p for p in RAGGED if len(p) <= 8][:3], [p for p in RAGGED if len(p) > 16][:2]
@@ -466,7 +467,8 @@ def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model
     kw = dict(max_new_tokens=[3, 5, 4, 6, 2], rng=jax.random.key(0), temperature=0.0)
     static = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="static",
                      prompt_buckets=(8, 16, 32)).generate(params, prompts, **kw)
-    sampler = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, prompt_buckets=(8, 16, 32))
+    sampler = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, prompt_buckets=(8, 16, 32),
+                      batching="continuous")
     refills, inits = [], []
     _spy(sampler, "_refill", refills)
     _spy(sampler, "_slots_init", inits)

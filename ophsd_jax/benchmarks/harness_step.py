@@ -13,12 +13,12 @@ one process on the same batches:
   joined, static  the rollout joined with the harness's first call, the final call only
                   where it is used (`harness.reward_fraction`), every row prefilled at the
                   call's longest prompt bucket (`sampler.batching=static`);
-  joined, auto    the same call on the slot path when its prompts span several prompt
-                  buckets: each bucket prefilled at its own size (`sampler.batching=auto`).
+  joined, slots   the same call on the slot path (`sampler.batching=continuous`): every
+                  row starts at once, each prompt bucket prefilled at its own size.
 
 The harness's seconds are a way's time minus the rollout's. Every way runs once over all
 batches to compile, then is timed over the same batches; the mean per step is reported.
-Joined static and joined auto draw every row with the same key: their tokens are compared.
+Joined static and joined slots draw every row with the same key: their tokens are compared.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(argv):
 
     batching = sampler.batching
     ways = {"rollout alone": rollout_alone, "three calls": three_calls, "joined, static": joined("static"),
-            "joined, auto": joined(batching)}
+            "joined, slots": joined("continuous")}
     seconds, outputs = {}, {}
     for name, way in ways.items():
         for step, examples in enumerate(batches):  # compile every bucket this way uses
@@ -85,12 +85,12 @@ def main(argv):
         print(f"{name:>15}: {seconds[name]:6.2f} s/step", flush=True)
     sampler.batching = batching
     harness = {name: seconds[name] - seconds["rollout alone"] for name in ways if name != "rollout alone"}
-    same = sum(a == b for a, b in zip(outputs["joined, static"], outputs["joined, auto"]))
+    same = sum(a == b for a, b in zip(outputs["joined, static"], outputs["joined, slots"]))
     print(f"cpu: {cpu_model()}; {jax.devices()[0].platform}; config {FLAGS['config'].config_filename}, {len(batches)} steps of "
           f"{c.train.batch_size} prompts")
     for name, s in harness.items():
         print(f"harness s/step, {name:>14}: {s:6.2f}  ({s / harness['three calls']:.2f}x three calls)")
-    print(f"joined static vs auto: {same}/{len(batches)} steps with identical rollouts and teacher contexts")
+    print(f"joined static vs slots: {same}/{len(batches)} steps with identical rollouts and teacher contexts")
     emit({"bench": "harness_step", "cpu": cpu_model(), "platform": jax.devices()[0].platform, "config": FLAGS['config'].config_filename,
           "steps": len(batches), "batch": c.train.batch_size, "seconds_per_step": seconds,
           "harness_seconds_per_step": harness,
