@@ -289,7 +289,7 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         # decode state without the prefill, so its peak is no higher.
         out.append(Program(f"generate_{name}[B={Bs},P={prompt_len},new={new}]",
                            lambda args=args, kw=kw: sampler._start.lower(*args, **kw), sampler_resident))
-        # The slot path (calls with more prompts than slots, or prompts of several buckets):
+        # The slot path (calls with more prompts than slots, or sampler.batching=continuous):
         # every slot refilled at once at this bucket, and a decode segment over the slots.
         per_call = {k: v for k, v in kw.items() if k != "n_new_bucket"}
         slots = functools.partial(_slot_state, sampler, Bs, prompt_len, new, key_data.shape)

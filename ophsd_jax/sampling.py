@@ -334,11 +334,6 @@ class Sampler:
         n_chunks = -(-most // rows)
         progress = _progress(most * count, self.show_progress and n_chunks > 1)
         t0 = time.perf_counter()
-        # Which prompt bucket each prompt falls in, and the most prompts any process has in each.
-        bucket(longest, self.prompt_buckets, "prompt length")  # raises on every process alike: too long
-        b_of = [bisect.bisect_left(self.prompt_buckets, len(p)) for p in prompts]
-        per_bucket = np.bincount(np.asarray(b_of, np.int64), minlength=len(self.prompt_buckets)).tolist()
-        per_bucket = parallel.agree_max(per_bucket) if count > 1 else per_bucket
         # auto: the slot path (continuous batching) when the call has more prompts than
         # slots. A call that fits the slots starts every prompt at once on the static path,
         # all rows prefilled at the longest bucket: on the embedded default the slot path
@@ -347,9 +342,8 @@ class Sampler:
         # wall clock (docs/benchmarks.md); `continuous` takes it anyway.
         if self.batching == "continuous" or (self.batching == "auto" and n_chunks > 1):
             all_rows = RowSampling(keys, temps, top_ks, top_ps, limits)
-            for idx, most_b, b in self._slot_runs(b_of, per_bucket, most, n_chunks):
+            for idx, most_b, longest_b in self._slot_runs(prompts, longest, most, n_chunks):
                 run_rows = RowSampling(*(x[np.asarray(idx, np.int64)] for x in all_rows))
-                longest_b = self.prompt_buckets[b]
                 for j, (tok, lp) in self._run_slots(params, [prompts[i] for i in idx], longest_b, run_rows, stop,
                                                     statics, progress, slots=self._rows_bucket(most_b)):
                     tokens[idx[j]], logprobs[idx[j]], lengths[idx[j]] = tok, lp, len(tok)
@@ -380,18 +374,21 @@ class Sampler:
             B *= 2
         return min(B, self.max_batch // count)
 
-    def _slot_runs(self, b_of: list[int], per_bucket: list[int], most: int, n_chunks: int):
+    def _slot_runs(self, prompts, longest: int, most: int, n_chunks: int):
         """The slot path's runs: (this process's prompt indices, the most prompts any process
-        has in the run, the run's prompt bucket index). A call with more prompts than slots
+        has in the run, the run's prompt bucket). A call with more prompts than slots
         makes one run per prompt bucket, longest first: with slots busy either way, a row
         then never decodes against a longer neighbour's cache (at 4k-token drafts joined
         with 500-token answers the cache, and every decode step's attention, would be 8x
         the answers' own). A call that fits the slots is one run: every row starts at once
         and only the prefill is per bucket."""
+        top = bucket(longest, self.prompt_buckets, "prompt length")  # agreed: every process raises alike
         if n_chunks <= 1:
-            top = max(b for b, c in enumerate(per_bucket) if c)
-            return [(list(range(len(b_of))), most, top)]
-        return [([i for i, bi in enumerate(b_of) if bi == b], c, b)
+            return [(list(range(len(prompts))), most, top)]
+        b_of = [bisect.bisect_left(self.prompt_buckets, len(p)) for p in prompts]
+        per_bucket = np.bincount(np.asarray(b_of, np.int64), minlength=len(self.prompt_buckets)).tolist()
+        per_bucket = parallel.agree_max(per_bucket) if self.share[1] > 1 else per_bucket  # most per process
+        return [([i for i, bi in enumerate(b_of) if bi == b], c, self.prompt_buckets[b])
                 for b, c in reversed(list(enumerate(per_bucket))) if c]
 
     def _run_chunk(self, params, prompts, n_rows, longest, sampling: RowSampling, stop, statics):

@@ -184,25 +184,23 @@ def _write_slots(buf, new, cache_index, layer=None, keys: bool = False):
     """Write new values [.., B, T, K, Dh] at slot `cache_index` of a cache buffer
     [.., B, K, S, Dh], or new keys into a key buffer [.., B, K, Dh, S] (keys=True);
     stacked buffers: at `layer`. `cache_index`: a scalar, or one slot per row [B]."""
-    new = jnp.swapaxes(new, -3, -2).astype(buf.dtype)  # [.., B, K, T, Dh]
-    if keys:
-        new = jnp.swapaxes(new, -2, -1)  # [.., B, K, Dh, T]
-
     if jnp.ndim(cache_index) == 0:
+        new = jnp.swapaxes(new, -3, -2).astype(buf.dtype)  # [.., B, K, T, Dh]
+        if keys:
+            new = jnp.swapaxes(new, -2, -1)  # [.., B, K, Dh, T]
         start = (0, 0, 0, cache_index) if keys else (0, 0, cache_index, 0)
         return jax.lax.dynamic_update_slice(buf, new, start if layer is None else (layer, *start))
 
     # Per row (continuous batching): a scatter at each row's own slots, indexed by (row,
     # slot) pairs. Not a vmapped dynamic_update_slice: its scatter with a batching dimension
-    # fails XLA:GPU's verifier once the batch is sharded (compile_check, 8xH100).
-    new = new.reshape(new.shape[-4:])  # [B, K, T, Dh] or [B, K, Dh, T] (no stacked-layer axis)
-    B, T = new.shape[0], new.shape[-1 if keys else -2]
+    # fails XLA:GPU's verifier once the batch is sharded (compile_check, 8xH100). The row
+    # and slot indices are split by the head (and head_dim) slices, so numpy puts their
+    # broadcast [B, T] axes first: the update is `new` as given, [B, T, K, Dh].
+    update = new.reshape(new.shape[-4:]).astype(buf.dtype)  # without a stacked-layer axis
+    B, T = update.shape[:2]
     rows = jnp.arange(B)[:, None]
     slots = jnp.reshape(cache_index, (B, 1)) + jnp.arange(T)[None]  # [B, T]
     lead = () if layer is None else (layer,)
-    # Advanced indices on the row and slot axes, split by the head (and head_dim) slices:
-    # numpy puts the broadcast [B, T] axes first, so the update is [B, T, K, Dh].
-    update = jnp.moveaxis(new, (-4, -1 if keys else -2), (0, 1))
     if keys:
         return buf.at[(*lead, rows, slice(None), slice(None), slots)].set(update)
     return buf.at[(*lead, rows, slice(None), slots)].set(update)
