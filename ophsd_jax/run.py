@@ -115,7 +115,7 @@ class Run:
         self.data_iter = ExampleIterator(self.data.train, c.train.batch_size, seed=c.seed, share=self.share)
         self.step, self._saved_step, self.pending_metrics, self._step_start = 0, None, None, None
         if found is not None:
-            self._resume(*found)
+            self._resume(*found, for_eval=for_eval)
         if for_eval:
             return self
         self.sampler.poll = self.poll  # a SIGTERM abandons a generation within one decode segment
@@ -150,14 +150,28 @@ class Run:
 
     # ---- checkpoints -------------------------------------------------------------------
 
-    def _resume(self, step: int, state, host: dict, arrays: dict):
+    def _resume(self, step: int, state, host: dict, arrays: dict, for_eval: bool = False):
         try:
             self.data_iter.restore(host["data_iter"])
         except ValueError as e:  # other data, batch size or seed
             raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} does not fit this config: "
                                          f"data {e}") from e
         self.step, self.state, self._saved_step = step, state, step
-        self.harness.load_state_dict(join_arrays(host["harness"], arrays))
+        # The training harness's state (Draft–Verify's online bank). Evaluation builds its own
+        # harness, so a checkpoint trained under another harness (OPSD's, evaluated with the
+        # task's harness re-attached) evaluates fine; training on needs the same harness.
+        saved, name = host.get("harness_name"), self.harness.name  # (older checkpoints: None)
+        if saved not in (None, name) and not for_eval:
+            raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} was trained with harness "
+                                         f"{saved!r}, this run uses {name!r}")
+        try:
+            if saved in (None, name):
+                self.harness.load_state_dict(join_arrays(host["harness"], arrays))
+        except KeyError:  # an older checkpoint of another harness
+            if not for_eval:
+                raise
+        if saved not in (None, name):
+            log.info("checkpoint trained with harness %r: its state is not loaded into %r", saved, name)
         # Stopped during the evaluation after `step`: its metrics row is written on resume,
         # unless an earlier resume wrote it (process 0's metrics file decides, for all).
         pending = host.get("pending_metrics")
@@ -170,7 +184,7 @@ class Run:
     def save(self, step: int, pending_metrics: dict | None = None):
         harness_json, arrays = split_arrays(self.harness.state_dict())
         host = {"step": step, "seed": self.config.seed, "data_iter": self.data_iter.state(), "harness": harness_json,
-                "model": self.model_identity}
+                "harness_name": self.harness.name, "model": self.model_identity}
         if pending_metrics is not None:
             host["pending_metrics"] = pending_metrics
         if self.lora is not None:  # the state holds the adapter; the base is reloaded from its source

@@ -146,3 +146,41 @@ def test_summary_statistics_against_a_naive_computation():
         (naive("ophsd", False) - naive("base", True)).mean(), abs=1e-12)
     assert claims["3_ophsd_harness_minus_ophsd_student"]["mean"] == pytest.approx(
         (naive("ophsd", True) - naive("ophsd", False)).mean(), abs=1e-12)
+
+
+USPTO_CONFIG = '''
+import sys
+sys.path.insert(0, {configs!r})
+from tiny import get_config as tiny
+
+
+def get_config():
+    c = tiny()
+    c.task = "uspto"
+    c.data.train = {{"kind": "uspto_csv", "path": {csv!r}}}
+    c.data.validation_size = 8
+    c.harness.name = "draft_verify"
+    c.harness.options = {{"cold_start_threshold": 2, "draft_k": 2, "confirm_k": 2, "challenge_k": 2,
+                         "draft_max_tokens": 8, "verify_max_tokens": 8, "embedder": "tfidf"}}
+    return c
+'''
+
+
+def test_an_opsd_run_is_evaluated_with_draft_verify_reattached(tmp_path):
+    """OPSD trains under its own harness (no state); its final evaluation re-attaches the
+    task's Draft–Verify, whose training-harness state the OPSD checkpoint does not hold.
+    (This failed with KeyError: 'bank' on the USPTO experiment.)"""
+    csv = ROOT.parent / "shared" / "data" / "uspto" / "schneider_dataSetA.csv"
+    if not csv.exists():
+        pytest.skip(f"{csv} not found")
+    config = tmp_path / "tiny_uspto.py"
+    config.write_text(USPTO_CONFIG.format(configs=str(ROOT / "configs"), csv=str(csv)))
+    out = tmp_path / "out"
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "ophsd_jax.experiments.replicate", "--config", str(config),
+                           "--out", str(out), "--quick", "--seeds", "0", "--conditions", "opsd"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = _records(out / "opsd_seed0" / "eval" / "step_2_harness.jsonl")
+    assert len(records) == 4 and all(r["harness_mode"] for r in records)
+    assert "trained with harness 'opsd': its state is not loaded into 'draft_verify'" in proc.stderr
