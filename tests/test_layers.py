@@ -131,6 +131,25 @@ def test_causal_attention_matches_naive(impl, block, monkeypatch):
         assert _rel_err(a, b) < _attention_grad_rtol(q, k), name
 
 
+@pytest.mark.parametrize("Dh", [16, 128])  # 128 x fp32: the smaller blocks (64 forward, 32 backward)
+def test_pallas_gpu_kernel_matches_naive_in_the_interpreter(Dh):
+    """The GPU Triton kernel at the block sizes `pallas_gpu_blocks` picks, run by Pallas's
+    interpreter on CPU: outputs and gradients of the real query rows against the naive softmax.
+    (The kernel's shared-memory use, which decides those sizes, needs a GPU: see its docstring.)"""
+    B, T, H, K = 2, 128, 4, 2
+    q, k, v, valid, mask, live, cot = _case(4, B, T, H, K, Dh, [[1] * 100 + [0] * 28, [0] * 37 + [1] * 91])
+    fwd, bwd = attn.pallas_gpu_blocks(T, Dh, 4)
+    assert (fwd, bwd) == ((128, 64) if Dh == 16 else (64, 32))
+    kernel = lambda q, k, v: attn._pallas_gpu(q, k, v, valid, interpret=True)  # noqa: E731
+    np.testing.assert_allclose(kernel(q, k, v) * live, _naive_attention(q, k, v, mask) * live, rtol=0,
+                               atol=_attention_atol(q, k, v))
+    f = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)  # noqa: E731
+    got = jax.grad(f(kernel), (0, 1, 2))(q, k, v)
+    ref = jax.grad(f(lambda q, k, v: _naive_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", got, ref):
+        assert _rel_err(a, b) < _attention_grad_rtol(q, k), name
+
+
 @pytest.mark.parametrize("impl", ["dense", "blockwise"])
 def test_causal_blocks_are_used(impl, monkeypatch):
     """The first block's rows do not depend on later keys, and a block past the causal

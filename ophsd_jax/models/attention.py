@@ -265,15 +265,28 @@ def _splash(q, k, v, valid):
     return out.transpose(0, 2, 1, 3)
 
 
-def _pallas_gpu(q, k, v, valid):
+def _pallas_gpu(q, k, v, valid, interpret: bool = False):
     """Triton flash attention (jax.experimental.pallas.ops.gpu.attention.mha) on one
-    device's rows; it has no grouped heads, so kv heads are repeated to the query heads."""
+    device's rows; it has no grouped heads, so kv heads are repeated to the query heads.
+    `interpret`: Pallas's interpreter, for tests on CPU."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     B, T, H, Dh = q.shape
     G = H // k.shape[2]
     k, v = (jnp.repeat(x, G, axis=2) for x in (k, v))
-    blk = min(128, T)
+    fwd, bwd = pallas_gpu_blocks(T, Dh, q.dtype.itemsize)
     return gpu_attention.mha(q, k, v, _segments(valid), sm_scale=1.0 / math.sqrt(Dh), causal=True,
-                             block_sizes=gpu_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=blk,
-                                                                  block_kv_dkv=blk, block_q_dq=blk, block_kv_dq=blk))
+                             block_sizes=gpu_attention.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd,
+                                                                  block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd),
+                             interpret=interpret)
+
+
+def pallas_gpu_blocks(T: int, head_dim: int, itemsize: int) -> tuple[int, int]:
+    """(forward, backward) block rows of the Triton kernel, sized to the 227 KiB of shared
+    memory per block of an H100/H200: a kernel over it fails at launch (RESOURCE_EXHAUSTED).
+    Measured on an H200 (2026-12-04): with a 256-byte row of q (fp32 x head dim 64, bf16 x
+    128) the forward runs at 128 rows and the backward at 64, not 128 (257 KiB); with fp32 x
+    128 a 128-row kernel asks 256.5 KiB. So 128/64 for rows up to 256 bytes, and half that
+    (64/32; not run on a GPU yet) above."""
+    small = head_dim * itemsize <= 256
+    return min(128 if small else 64, T), min(64 if small else 32, T)
