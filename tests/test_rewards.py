@@ -212,6 +212,19 @@ def test_class_reward(response, gold, expected):
     assert class_reward(response, gold) == expected
 
 
+def test_uspto_tagged_only_scores_only_tagged_answers():
+    """The base SmolLM2 recites the class list and is cut off after "9. ...": the bare-number
+    fallback reads that as class 9; with `tagged_only` it is no answer."""
+    recital = "1. heteroatom alkylation and arylation\n2. acylation and related processes\n9. functional group ("
+    ex = {"id": "u", "rxn_smiles": "C>>C", "labels": ["9"], "answer": "9", "class": 9}
+    lenient, strict = make_task("uspto"), make_task("uspto", tagged_only=True)
+    assert lenient.reward(recital, ex) == 1.0 and lenient.extract_answer(recital) == "9"
+    assert strict.reward(recital, ex) == 0.0 and strict.extract_answer(recital) is None
+    for text, expected in CLASS_CASES:  # tagged answers are read as before
+        tagged = "[class]" in text and expected is not None
+        assert strict.extract_answer(text) == (expected if tagged else None), text
+
+
 def test_task_rewards_and_extraction():
     math = make_task("math")
     ex = {"id": "m", "question": "1/2?", "answer": "\\frac{1}{2}", "solution": ""}

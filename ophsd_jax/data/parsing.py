@@ -126,8 +126,9 @@ _CLASS_TAG = re.compile(r"\[class\]\s*(\d+)\s*(?:<eoa>|$|\n)", re.I)
 _BARE_CLASS = re.compile(r"(?<![\w.])(10|[1-9])(?![\w%]|\.\d)")
 
 
-def parse_reaction_class(text: str, num_classes: int = 10) -> str | None:
-    """Class number from the last `[class]N<eoa>`; else the last bare 1..10 number.
+def parse_reaction_class(text: str, num_classes: int = 10, tagged_only: bool = False) -> str | None:
+    """Class number from the last `[class]N<eoa>`; else (unless `tagged_only`) the last bare
+    1..10 number.
 
     A tagged number outside 1..num_classes is treated as no answer (None):
     it is a wrong format, not a different class.
@@ -137,6 +138,8 @@ def parse_reaction_class(text: str, num_classes: int = 10) -> str | None:
     if tagged:
         value = int(tagged[-1])
         return str(value) if 1 <= value <= num_classes else None
+    if tagged_only:
+        return None
     bare = [int(m) for m in _BARE_CLASS.findall(visible)]
     bare = [b for b in bare if 1 <= b <= num_classes]
     return str(bare[-1]) if bare else None

@@ -40,6 +40,6 @@ def accusation_reward(response: str, gold_labels: list[str]) -> float:
     return set_f1(parse_accusations(response), gold_labels)
 
 
-def class_reward(response: str, gold_class: str, num_classes: int = 10) -> float:
-    pred = parse_reaction_class(response, num_classes)
+def class_reward(response: str, gold_class: str, num_classes: int = 10, tagged_only: bool = False) -> float:
+    pred = parse_reaction_class(response, num_classes, tagged_only)
     return 1.0 if pred is not None and pred == str(gold_class).strip() else 0.0

@@ -158,9 +158,14 @@ class ReactionClassTask(ClassificationTask):
         "for example [class]3<eoa>."
     )
 
-    def __init__(self, name: str = "uspto", instruction: str = "", strip_maps: bool = True):
+    def __init__(self, name: str = "uspto", instruction: str = "", strip_maps: bool = True,
+                 tagged_only: bool = False):
+        """`tagged_only`: only a `[class]N<eoa>` answer counts. Otherwise the last bare class
+        number does too, which credits a small model that recites the class list and is cut
+        off after "9." (SmolLM2-135M: a "24.6%" that is the share of class 9; docs/results.md)."""
         super().__init__(name, instruction)
         self.strip_maps = strip_maps
+        self.tagged_only = tagged_only
 
     def case_text(self, example: dict) -> str:
         smiles = example["rxn_smiles"]
@@ -170,7 +175,7 @@ class ReactionClassTask(ClassificationTask):
         return _user(f"{self.instruction_for(example)}\n\nReaction SMILES: {self.case_text(example)}")
 
     def parse_labels(self, response: str) -> list[str] | None:
-        pred = parse_reaction_class(response, len(CLASS_NAMES))
+        pred = parse_reaction_class(response, len(CLASS_NAMES), self.tagged_only)
         return None if pred is None else [pred]
 
     def format_answer(self, labels: list[str]) -> str:
@@ -180,7 +185,7 @@ class ReactionClassTask(ClassificationTask):
         return ", ".join(f"{x} ({CLASS_NAMES.get(int(x), 'unknown')})" for x in labels)
 
     def reward(self, response: str, example: dict) -> float:
-        return class_reward(response, example["answer"], len(CLASS_NAMES))
+        return class_reward(response, example["answer"], len(CLASS_NAMES), self.tagged_only)
 
 
 TASKS = {
