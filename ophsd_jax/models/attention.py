@@ -284,9 +284,10 @@ def _pallas_gpu(q, k, v, valid, interpret: bool = False):
 def pallas_gpu_blocks(T: int, head_dim: int, itemsize: int) -> tuple[int, int]:
     """(forward, backward) block rows of the Triton kernel, sized to the 227 KiB of shared
     memory per block of an H100/H200: a kernel over it fails at launch (RESOURCE_EXHAUSTED).
-    Measured on an H200 (2026-12-04): with a 256-byte row of q (fp32 x head dim 64, bf16 x
-    128) the forward runs at 128 rows and the backward at 64, not 128 (257 KiB); with fp32 x
-    128 a 128-row kernel asks 256.5 KiB. So 128/64 for rows up to 256 bytes, and half that
-    (64/32; not run on a GPU yet) above."""
-    small = head_dim * itemsize <= 256
-    return min(128 if small else 64, T), min(64 if small else 32, T)
+    Measured on an H200: bf16 x head dim 128 runs forward and backward at 128 rows
+    (docs/benchmarks.md, 14.9 ms at T=8192); fp32 x 64 runs the forward at 128 but not the
+    backward (257 KiB asked; 64 runs); fp32 x 128 with a 128-row forward asked 256.5 KiB.
+    Larger rows get half-size blocks (64 / 32, not yet run on a GPU)."""
+    row = head_dim * itemsize
+    fwd, bwd = (128, 128) if itemsize <= 2 and row <= 256 else (128, 64) if row <= 256 else (64, 32)
+    return min(fwd, T), min(bwd, T)
