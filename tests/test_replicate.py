@@ -184,3 +184,31 @@ def test_an_opsd_run_is_evaluated_with_draft_verify_reattached(tmp_path):
     records = _records(out / "opsd_seed0" / "eval" / "step_2_harness.jsonl")
     assert len(records) == 4 and all(r["harness_mode"] for r in records)
     assert "trained with harness 'opsd': its state is not loaded into 'draft_verify'" in proc.stderr
+
+
+def test_a_stop_during_the_last_steps_evaluation_does_not_start_the_final_one(tmp_path, monkeypatch):
+    """SIGTERM while the last step's evaluation runs: training returns having reached the
+    last step, but the stop was asked for; the run must stop (checkpoint saved, resumed by
+    the next invocation), not start the final evaluation with the harness."""
+    import importlib.util
+
+    from ophsd_jax import train
+    from ophsd_jax.experiments import replicate as R
+    from ophsd_jax.run import Run
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    evaluated = []
+
+    def stopped_at_the_end(c, workdir):
+        Run._stop_requested = True  # what the SIGTERM handler sets
+        return {"steps": c.train.steps}
+
+    monkeypatch.setattr(Run, "_stop_requested", False)
+    monkeypatch.setattr(train, "train", stopped_at_the_end)
+    monkeypatch.setattr(train, "evaluate_workdir", lambda workdir, config: evaluated.append(workdir))
+    with pytest.raises(R.Stopped, match="run the same command again"):
+        R.run_condition(tiny.get_config(), "ophsd", 0, str(tmp_path), quick=True)
+    assert evaluated == []
+    assert not os.path.exists(R.final_eval_path(R.run_dir(str(tmp_path), "ophsd", 0), 2))
