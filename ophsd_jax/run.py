@@ -56,8 +56,13 @@ class Run:
         With several processes the flag is agreed there by an allgather, so a SIGTERM on any
         one process stops all of them at the same point, and they save the same step.
         """
-        if parallel.agree_max([int(Run._stop_requested)])[0]:
+        if Run.stop_agreed():
             raise StopRequested
+
+    @staticmethod
+    def stop_agreed() -> bool:
+        """Whether any process was asked to stop (collective: every process must call it)."""
+        return bool(parallel.agree_max([int(Run._stop_requested)])[0])
 
     @classmethod
     def create(cls, config, workdir: str, *, restore_step: int | None = None, for_eval: bool = False,
@@ -161,17 +166,17 @@ class Run:
         # harness, so a checkpoint trained under another harness (OPSD's, evaluated with the
         # task's harness re-attached) evaluates fine; training on needs the same harness.
         saved, name = host.get("harness_name"), self.harness.name  # (older checkpoints: None)
-        if saved not in (None, name) and not for_eval:
-            raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} was trained with harness "
-                                         f"{saved!r}, this run uses {name!r}")
-        try:
-            if saved in (None, name):
-                self.harness.load_state_dict(join_arrays(host["harness"], arrays))
-        except KeyError:  # an older checkpoint of another harness
-            if not for_eval:
-                raise
         if saved not in (None, name):
+            if not for_eval:
+                raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} was trained with harness "
+                                             f"{saved!r}, this run uses {name!r}")
             log.info("checkpoint trained with harness %r: its state is not loaded into %r", saved, name)
+        else:
+            try:
+                self.harness.load_state_dict(join_arrays(host["harness"], arrays))
+            except KeyError:  # an older checkpoint (no harness_name) of another harness
+                if not for_eval:
+                    raise
         # Stopped during the evaluation after `step`: its metrics row is written on resume,
         # unless an earlier resume wrote it (process 0's metrics file decides, for all).
         pending = host.get("pending_metrics")

@@ -96,7 +96,7 @@ def run_condition(base, condition: str, seed: int, out: str, quick: bool) -> str
     harness. Returns its work dir; a run whose final evaluation exists is skipped."""
     import jax
 
-    from ophsd_jax import parallel, train
+    from ophsd_jax import train
     from ophsd_jax.config import validate
     from ophsd_jax.run import Run
 
@@ -115,7 +115,7 @@ def run_condition(base, condition: str, seed: int, out: str, quick: bool) -> str
             reached = train.train(c, workdir)["steps"]
             # Stopped (SIGTERM; also during the last step's evaluation, which reached it): the
             # checkpoint is saved; resume later, rather than go on to the final evaluation.
-            if reached != steps or parallel.agree_max([int(Run._stop_requested)])[0]:
+            if reached != steps or Run.stop_agreed():
                 raise Stopped(f"{workdir}: stopped at step {reached} of {steps}; run the same command again "
                               "to resume")
         # The final checkpoint (or, untrained, the initial weights) with the harness re-attached.
