@@ -268,8 +268,8 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
     for name, prompt_len, new, rows_settings in _generation_calls(c):
         top_ks = [k for k, _ in rows_settings]
         use_top_k, use_top_p = max(top_ks) > 0, min(p for _, p in rows_settings) < 1
-        # as the sampler decides it: a row without top-k needs the full sort (cap 0)
-        cap = top_k_cap(max(top_ks), cfg.vocab_size) if use_top_k and min(top_ks) > 0 else 0
+        # as the sampler decides it: rows with top-k draw from a pool of `cap` candidates
+        cap = top_k_cap(max(top_ks), cfg.vocab_size) if use_top_k else 0
         sig = (prompt_len, new, use_top_k, use_top_p, cap)
         if sig in seen:
             continue

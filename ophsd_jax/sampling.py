@@ -118,10 +118,11 @@ def _filter_sorted_pool(logits, top_k, top_p, cap: int, *, use_top_p: bool):
 
 
 def top_k_cap(top_k: int, vocab: int, most: int = 1024) -> int:
-    """Static candidate count for `filter_logits` (0 = search the whole vocabulary): a
-    power of two >= top_k, so few values compile; `lax.top_k` beyond ~1k costs more on
-    XLA:CPU than bisecting over the whole vocabulary."""
-    cap = 1 << max(top_k - 1, 0).bit_length()
+    """Static candidate count for `filter_logits` and `sample_rows` (0 = search the whole
+    vocabulary): a power of two > top_k, so few values compile, and the last candidate
+    tells whether the k-th largest logit ties with tokens outside the pool; `lax.top_k`
+    beyond ~1k costs more on XLA:CPU than bisecting over the whole vocabulary."""
+    cap = 1 << max(top_k, 0).bit_length()
     return min(cap, vocab) if 0 < top_k and cap <= most else 0
 
 
@@ -170,15 +171,43 @@ def sample_rows(logits, rows: RowSampling, index, *, greedy: bool, use_top_k: bo
                 top_k_cap: int = 0):
     """One token per row from logits [B, V]: `index` (scalar, or one per row) is the
     position of the token being generated (its key is fold_in(row key, index)). `greedy`:
-    every row is greedy."""
+    every row is greedy.
+
+    `top_k_cap` (static; 0: none) bounds the top_k of every row with top_k > 0. Such a
+    row draws among the `top_k_cap` largest logits only: the same distribution, but random
+    numbers for a few dozen candidates rather than the whole vocabulary (SmolLM2's 49k
+    cost XLA:CPU more than the rest of the filter: ~9 of a sampled step's ~17 ms at batch
+    8). Rows without top-k, and a row whose k-th largest logit ties with tokens outside
+    the pool (top-k keeps every tie), draw over the whole vocabulary, in a branch taken
+    only when some row needs it."""
     best = greedy_token(logits)
     if greedy:
         return best
-    filtered = filter_logits(logits, rows.temperature[:, None], rows.top_k[:, None], rows.top_p[:, None],
-                             use_top_k=use_top_k, use_top_p=use_top_p, top_k_cap=top_k_cap)
     index = jnp.broadcast_to(index, rows.temperature.shape)
     keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(rows.keys, index)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    temperature, top_k, top_p = rows.temperature[:, None], rows.top_k[:, None], rows.top_p[:, None]
+
+    def draw(x, cap):
+        filtered = filter_logits(x, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p,
+                                 top_k_cap=cap)
+        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+    if not (use_top_k and 0 < top_k_cap < logits.shape[-1]):
+        return jnp.where(rows.temperature == 0.0, best, draw(logits, 0))
+    # The barrier keeps XLA:CPU from fusing the top-k into the gathers below, which
+    # recomputed it per gathered element (~150 ms a step at batch 8).
+    pool, pool_idx = jax.lax.optimization_barrier(jax.lax.top_k(logits, top_k_cap))  # descending
+    drawn = jnp.take_along_axis(pool_idx, draw(pool, top_k_cap)[:, None], axis=-1)[:, 0]
+    kth = jnp.take_along_axis(pool, jnp.clip(top_k, 1, top_k_cap) - 1, axis=-1)[:, 0]
+    tie = (kth == pool[:, -1]) & jnp.isfinite(kth)  # survivors may lie outside the pool
+    whole = ((rows.top_k <= 0) | tie) & (rows.temperature > 0)
+
+    def draw_whole():  # filtered only if one of these rows needs it (rollout rows often do not)
+        plain = lambda: jax.vmap(jax.random.categorical)(  # noqa: E731 - temperature only
+            keys, filter_logits(logits, temperature, top_k, top_p, use_top_k=False, use_top_p=False)).astype(jnp.int32)
+        return jax.lax.cond(jnp.any(whole & (tie | (rows.top_p < 1))), lambda: draw(logits, 0), plain)
+
+    drawn = jax.lax.cond(jnp.any(whole), lambda: jnp.where(whole, draw_whole(), drawn), lambda: drawn)
     return jnp.where(rows.temperature == 0.0, best, drawn)
 
 
@@ -317,15 +346,15 @@ class Sampler:
         # Statics of the program: every process must agree on them (one small allgather).
         flags = [n, max((len(p) for p in prompts), default=1), int(limits.max(initial=1)), int(sampled.any()),
                  int((sampled & (top_ks > 0)).any()), int((sampled & (top_ps < 1)).any()),
-                 int((sampled & (top_ks <= 0)).any()), int(top_ks.max(initial=0))]
-        most, longest, most_new, any_sampled, any_top_k, any_top_p, uncapped, largest_k = (
+                 int(np.where(sampled, top_ks, 0).max(initial=0))]
+        most, longest, most_new, any_sampled, any_top_k, any_top_p, largest_k = (
             parallel.agree_max(flags) if count > 1 else flags)
         if most == 0:  # no process has a prompt: nothing to run (all agree on that)
             return SampleOutput([], np.zeros((0,), np.int32), [])
         n_new = bucket(most_new, self.new_token_buckets, "max_new_tokens")
         statics = dict(n_new_bucket=n_new, greedy=not any_sampled, use_top_k=bool(any_top_k),
                        use_top_p=bool(any_top_p),
-                       top_k_cap=0 if (not any_top_k or uncapped) else top_k_cap(largest_k, self.cfg.vocab_size))
+                       top_k_cap=top_k_cap(largest_k, self.cfg.vocab_size) if any_top_k else 0)
         keys = row_keys(rng, n, self.share[0] * most)
         rows = self.max_batch // count  # this process's rows per chunk
         tokens, lengths, logprobs = [None] * n, np.zeros(n, np.int32), [None] * n

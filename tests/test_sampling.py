@@ -157,9 +157,10 @@ def _reference_filtered_probs(logits, temperature, top_k, top_p):
     return probs / probs.sum()
 
 
+@pytest.mark.parametrize("pooled", [False, True])  # True: as the sampler calls it (draw among top_k_cap)
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0),
-                                                     (1.0, 0, 0.8), (1.3, 4, 0.9)])
-def test_sampling_frequencies_match_filtered_distribution(temperature, top_k, top_p):
+                                                     (1.0, 0, 0.8), (1.3, 3, 0.9)])
+def test_sampling_frequencies_match_filtered_distribution(temperature, top_k, top_p, pooled):
     logits = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
     expected = _reference_filtered_probs(logits.astype(np.float64), temperature, top_k, top_p)
     n = 40000
@@ -170,7 +171,7 @@ def test_sampling_frequencies_match_filtered_distribution(temperature, top_k, to
         rows = RowSampling(jax.random.key_data(k)[None], one(temperature, jnp.float32), one(top_k, jnp.int32),
                            one(top_p, jnp.float32), one(1, jnp.int32))
         return sample_rows(jnp.asarray(logits)[None], rows, 0, greedy=False, use_top_k=top_k > 0,
-                           use_top_p=top_p < 1.0)[0]
+                           use_top_p=top_p < 1.0, top_k_cap=top_k_cap(top_k, len(logits)) if pooled else 0)[0]
 
     draw = jax.jit(jax.vmap(sample))
     counts = np.bincount(np.asarray(draw(keys)), minlength=len(logits))
@@ -179,6 +180,38 @@ def test_sampling_frequencies_match_filtered_distribution(temperature, top_k, to
     # 5-sigma binomial bound per token: fails for any wrong filter/temperature handling.
     sigma = np.sqrt(expected * (1 - expected) / n)
     assert np.all(np.abs(freq - expected) <= 5 * sigma + 1e-9), (freq, expected)
+
+
+def test_pooled_draw_keeps_ties_outside_the_pool():
+    """The sampler draws among the top_k_cap largest logits; a row whose k-th largest ties
+    with tokens beyond that pool must still draw from every tied token (top-k keeps ties),
+    while its neighbours keep the pooled draw. Frequencies checked per row kind, for a batch
+    with and without such a row (the fallback is a branch taken only when a row needs it)."""
+    n, top_k = 20000, 2
+    tied = np.array([2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0], np.float32)  # 2nd largest shared by 6 tokens
+    plain = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
+    cap = top_k_cap(top_k, len(tied))
+    assert 0 < cap < len(tied)  # the pooled path
+
+    def expected(z):
+        keep = z >= np.sort(z)[::-1][top_k - 1]
+        p = np.where(keep, np.exp(z.astype(np.float64) - z.max()), 0.0)
+        return p / p.sum()
+
+    def draw(logits):
+        m = len(logits)
+        rows = RowSampling(jax.random.key_data(jax.random.split(jax.random.key(7), m)),
+                           jnp.ones((m,), jnp.float32), jnp.full((m,), top_k, jnp.int32),
+                           jnp.ones((m,), jnp.float32), jnp.ones((m,), jnp.int32))
+        fn = jax.jit(lambda x: sample_rows(x, rows, 0, greedy=False, use_top_k=True, use_top_p=False,
+                                           top_k_cap=cap))
+        return np.asarray(fn(jnp.asarray(logits)))
+
+    mixed = draw(np.stack([tied] * n + [plain] * n))
+    for got, z in [(mixed[:n], tied), (mixed[n:], plain), (draw(np.stack([plain] * n)), plain)]:
+        freq, want = np.bincount(got, minlength=len(z)) / n, expected(z)
+        assert np.all(freq[want == 0] == 0), freq
+        assert np.all(np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9), (freq, want)
 
 
 def _sorted_filter(logits, temperature, top_k, top_p):
