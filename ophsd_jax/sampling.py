@@ -257,6 +257,24 @@ BATCHING = ("auto", "static", "continuous")
 DEFAULT_CPU_PREFILL_TOKENS = 32768  # prompt tokens per prefill pass on CPU (Sampler's prefill_tokens=0)
 
 
+def prefill_groups(counts: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """For a call that fits the decode slots: the bucket index each prompt bucket is
+    prefilled at (`counts[b]` prompts in bucket `sizes[b]`). At most two sizes: the largest
+    non-empty bucket, and, where it saves prefill tokens, one smaller bucket for the
+    shorter prompts (counted as the refill rows they take, powers of two). More sizes would
+    save a little more prefill but compile a program per size and row count (on the
+    embedded default, ~0.6 GB more resident and slower first steps, docs/benchmarks.md)."""
+    nonempty = [b for b, c in enumerate(counts) if c]
+    top = nonempty[-1]
+    rows = lambda n: 1 << max(n - 1, 0).bit_length()  # noqa: E731 - refill rows for n prompts
+    best, split = sizes[top] * rows(sum(counts)), None
+    for t in nonempty[:-1]:
+        cost = sizes[t] * rows(sum(counts[: t + 1])) + sizes[top] * rows(sum(counts[t + 1:]))
+        if cost < best:
+            best, split = cost, t
+    return [split if split is not None and b <= split else top if b <= top else b for b in range(len(counts))]
+
+
 class Sampler:
     """Generates from token-id prompts; see `generate`."""
 
@@ -344,11 +362,14 @@ class Sampler:
         count = self.share[1]
         sampled = temps > 0
         # Statics of the program: every process must agree on them (one small allgather).
+        nb = len(self.prompt_buckets)
+        b_of = [bisect.bisect_left(self.prompt_buckets, len(p)) for p in prompts]  # nb: too long (raises below)
         flags = [n, max((len(p) for p in prompts), default=1), int(limits.max(initial=1)), int(sampled.any()),
                  int((sampled & (top_ks > 0)).any()), int((sampled & (top_ps < 1)).any()),
-                 int(np.where(sampled, top_ks, 0).max(initial=0))]
-        most, longest, most_new, any_sampled, any_top_k, any_top_p, largest_k = (
-            parallel.agree_max(flags) if count > 1 else flags)
+                 int(np.where(sampled, top_ks, 0).max(initial=0)),
+                 *np.bincount(np.asarray(b_of, np.int64), minlength=nb + 1)[:nb].tolist()]
+        most, longest, most_new, any_sampled, any_top_k, any_top_p, largest_k, *per_bucket = (
+            parallel.agree_max(flags) if count > 1 else flags)  # per_bucket: the most prompts a process has
         if most == 0:  # no process has a prompt: nothing to run (all agree on that)
             return SampleOutput([], np.zeros((0,), np.int32), [])
         n_new = bucket(most_new, self.new_token_buckets, "max_new_tokens")
@@ -364,17 +385,20 @@ class Sampler:
         progress = _progress(most * count, self.show_progress and n_chunks > 1)
         t0 = time.perf_counter()
         # auto: the slot path (continuous batching) when the call has more prompts than
-        # slots. A call that fits the slots starts every prompt at once on the static path,
-        # all rows prefilled at the longest bucket: on the embedded default the slot path
-        # (each bucket prefilled at its own size) decoded such calls ~10% faster once
-        # compiled, but compiled more programs and kept ~0.6 GB more resident, for the same
-        # wall clock (docs/benchmarks.md); `continuous` takes it anyway.
-        if self.batching == "continuous" or (self.batching == "auto" and n_chunks > 1):
+        # slots, or when its prompts fall into buckets far enough apart that prefilling
+        # them at two sizes saves tokens (`prefill_groups`: the rollout joined with the
+        # planner's longer prompts). Otherwise a call that fits the slots starts every
+        # prompt at once on the static path, all rows prefilled at the longest bucket: one
+        # program instead of a prefill and a decode one. `continuous` takes the slot path anyway.
+        groups = prefill_groups(per_bucket, self.prompt_buckets) if any(per_bucket) else list(range(nb))
+        split = len({groups[b] for b, c in enumerate(per_bucket) if c}) > 1
+        if self.batching == "continuous" or (self.batching == "auto" and (n_chunks > 1 or split)):
             all_rows = RowSampling(keys, temps, top_ks, top_ps, limits)
-            for idx, most_b, longest_b in self._slot_runs(prompts, longest, most, n_chunks):
+            for idx, most_b, longest_b in self._slot_runs(b_of, longest, most, n_chunks, per_bucket):
                 run_rows = RowSampling(*(x[np.asarray(idx, np.int64)] for x in all_rows))
                 for j, (tok, lp) in self._run_slots(params, [prompts[i] for i in idx], longest_b, run_rows, stop,
-                                                    statics, progress, slots=self._rows_bucket(most_b)):
+                                                    statics, progress, slots=self._rows_bucket(most_b),
+                                                    groups=groups if n_chunks <= 1 else None):
                     tokens[idx[j]], logprobs[idx[j]], lengths[idx[j]] = tok, lp, len(tok)
             n_chunks = 0
         for c in range(n_chunks):
@@ -403,20 +427,18 @@ class Sampler:
             B *= 2
         return min(B, self.max_batch // count)
 
-    def _slot_runs(self, prompts, longest: int, most: int, n_chunks: int):
+    def _slot_runs(self, b_of: list[int], longest: int, most: int, n_chunks: int, per_bucket: list[int]):
         """The slot path's runs: (this process's prompt indices, the most prompts any process
-        has in the run, the run's prompt bucket). A call with more prompts than slots
-        makes one run per prompt bucket, longest first: with slots busy either way, a row
-        then never decodes against a longer neighbour's cache (at 4k-token drafts joined
-        with 500-token answers the cache, and every decode step's attention, would be 8x
-        the answers' own). A call that fits the slots is one run: every row starts at once
-        and only the prefill is per bucket."""
+        has in the run, the run's prompt bucket). `b_of`: each prompt's bucket index;
+        `per_bucket`: the most prompts any process has per bucket. A call with more prompts
+        than slots makes one run per prompt bucket, longest first: with slots busy either
+        way, a row then never decodes against a longer neighbour's cache (at 4k-token
+        drafts joined with 500-token answers the cache, and every decode step's attention,
+        would be 8x the answers' own). A call that fits the slots is one run: every row
+        starts at once and only the prefill is per group of buckets (`prefill_groups`)."""
         top = bucket(longest, self.prompt_buckets, "prompt length")  # agreed: every process raises alike
         if n_chunks <= 1:
-            return [(list(range(len(prompts))), most, top)]
-        b_of = [bisect.bisect_left(self.prompt_buckets, len(p)) for p in prompts]
-        per_bucket = np.bincount(np.asarray(b_of, np.int64), minlength=len(self.prompt_buckets)).tolist()
-        per_bucket = parallel.agree_max(per_bucket) if self.share[1] > 1 else per_bucket  # most per process
+            return [(list(range(len(b_of))), most, top)]
         return [([i for i, bi in enumerate(b_of) if bi == b], c, self.prompt_buckets[b])
                 for b, c in reversed(list(enumerate(per_bucket))) if c]
 
@@ -467,7 +489,8 @@ class Sampler:
 
     # ---- continuous batching ----------------------------------------------------------
 
-    def _run_slots(self, params, prompts, longest: int, rows: RowSampling, stop, statics, progress, slots: int):
+    def _run_slots(self, params, prompts, longest: int, rows: RowSampling, stop, statics, progress, slots: int,
+                   groups: list[int] | None = None):
         """Continuous batching: yields (prompt index, (tokens, logprobs)) as rows finish.
 
         A fixed set of decode slots (`slots`: this process's rows of the batch, at most
@@ -476,7 +499,8 @@ class Sampler:
         its own key and token index only, so its output does not depend on its slot, its
         neighbours or the timing. The cache has the longest prompt's bucket before the
         generated tokens; a prompt of a smaller bucket is written just before them. The
-        prompts taken by one refill are prefilled per bucket, each group at its own size.
+        prompts taken by one refill are prefilled per bucket, each group at its own size
+        (`groups`: bucket index -> the bucket index it is prefilled at; default its own).
         Multi-process: every decision that shapes a program (refill sizes, their prompt
         buckets, whether to go on) is agreed, so all processes run the same programs."""
         count = self.share[1]
@@ -501,7 +525,8 @@ class Sampler:
             left = [[s for s in free if s // per_device == d] for d in range(local)]
             placed = [[[] for _ in range(local)] for _ in range(nb)]  # [bucket][device] -> (slot, prompt)
             for i in sorted(take, key=lambda i: len(prompts[i])):
-                group = placed[bisect.bisect_left(self.prompt_buckets, len(prompts[i]))]
+                b = bisect.bisect_left(self.prompt_buckets, len(prompts[i]))
+                group = placed[groups[b] if groups else b]
                 d = min((d for d in range(local) if left[d]), key=lambda d: (len(group[d]), -len(left[d])))
                 group[d].append((left[d].pop(0), i))
             flags = [max(len(g) for g in groups) for groups in placed] + [len(queue), sum(o >= 0 for o in owner)

@@ -14,7 +14,8 @@ from hf_reference import make_hf_model, save_hf_model
 from ophsd_jax import parallel
 from ophsd_jax.models import state as S
 from ophsd_jax.models.weights import load_hf
-from ophsd_jax.sampling import RowSampling, Sampler, filter_logits, greedy_token, sample_rows, top_k_cap
+from ophsd_jax.sampling import (RowSampling, Sampler, filter_logits, greedy_token, prefill_groups, sample_rows,
+                                top_k_cap)
 
 PROMPTS = [[5, 17, 99, 23, 4, 61, 7], [250, 11], [42, 42, 8, 300, 19, 77, 150, 3, 9, 200, 12]]
 
@@ -500,21 +501,49 @@ def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model
     kw = dict(max_new_tokens=[3, 5, 4, 6, 2], rng=jax.random.key(0), temperature=0.0)
     static = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="static",
                      prompt_buckets=(8, 16, 32)).generate(params, prompts, **kw)
-    sampler = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, prompt_buckets=(8, 16, 32),
-                      batching="continuous")
-    refills, inits = [], []
-    _spy(sampler, "_refill", refills)
-    _spy(sampler, "_slots_init", inits)
-    out = sampler.generate(params, prompts, **kw)
-    assert out.tokens == static.tokens
-    assert sorted(args[2].shape for args, _ in refills) == [(2, 32), (4, 8)]  # rows (powers of two) x bucket
-    assert [k["prompt_len"] for _, k in inits] == [32] and [k["batch"] for _, k in inits] == [8]
+    for batching in ("continuous", "auto"):  # auto: two prefill sizes save tokens here (prefill_groups)
+        sampler = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, prompt_buckets=(8, 16, 32),
+                          batching=batching)
+        refills, inits = [], []
+        _spy(sampler, "_refill", refills)
+        _spy(sampler, "_slots_init", inits)
+        out = sampler.generate(params, prompts, **kw)
+        assert out.tokens == static.tokens
+        assert sorted(args[2].shape for args, _ in refills) == [(2, 32), (4, 8)]  # rows (powers of two) x bucket
+        assert [k["prompt_len"] for _, k in inits] == [32] and [k["batch"] for _, k in inits] == [8]
     # More prompts than the 2 slots: a slot state per bucket, the longest first.
     refills.clear(), inits.clear()
     small = Sampler(cfg, graphdef, mesh, max_batch=2, show_progress=False, prompt_buckets=(8, 16, 32))
     _spy(small, "_slots_init", inits)
     assert small.generate(params, prompts, **kw).tokens == static.tokens
     assert [k["prompt_len"] for _, k in inits] == [32, 8]
+
+
+def test_prefill_groups_use_at_most_two_sizes_and_only_where_they_save_tokens():
+    sizes = (64, 128, 256, 512, 1024)
+
+    def tokens(counts, groups):  # prefill tokens, each group's prompts padded to power-of-two rows
+        per = {}
+        for b, c in enumerate(counts):
+            per[groups[b]] = per.get(groups[b], 0) + c
+        return sum(sizes[g] * (1 << max(int(n) - 1, 0).bit_length()) for g, n in per.items() if n)
+
+    # the embedded default's joined call: 4 rollout prompts in 128, the planner's 4 in 256 and 512
+    assert prefill_groups([0, 4, 1, 3, 0], sizes) == [1, 1, 3, 3, 4]
+    assert prefill_groups([0, 0, 5, 0, 0], sizes) == [2, 2, 2, 3, 4]  # one bucket: its own
+    assert prefill_groups([0, 0, 1, 3, 0], sizes) == [3, 3, 3, 3, 4]  # 256 x 1 + 512 x 4 > 512 x 4
+    assert prefill_groups([2, 0, 1, 1, 0], sizes) == [0, 3, 3, 3, 4]  # three buckets, two sizes
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # never more tokens than one size, and the best split of two
+        counts = rng.integers(0, 5, len(sizes)) * (rng.random(len(sizes)) < 0.6)
+        if not counts.any():
+            continue
+        groups = prefill_groups(counts.tolist(), sizes)
+        top = max(b for b, c in enumerate(counts) if c)
+        used = {groups[b] for b, c in enumerate(counts) if c}
+        assert len(used) <= 2 and top in used and all(groups[b] >= b for b in range(len(sizes)))
+        splits = [[t if b <= t else top for b in range(len(sizes))] for t in range(top + 1)]
+        assert tokens(counts, groups) == min(tokens(counts, g) for g in splits)
 
 
 @pytest.mark.slow  # (CI time) the two-process slow test also runs continuous batching over shards

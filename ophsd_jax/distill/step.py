@@ -165,18 +165,18 @@ def loss_fn(params, teacher_params, batch: PairBatch, sample_weights, graphdef, 
         student = (params, None)
         teacher = (jax.lax.stop_gradient(params) if teacher_params is None else teacher_params, None)
 
-    def forward(weights, side):
+    def forward(weights, side, frozen):  # frozen: no gradient reaches the weights (the adapter may train)
         p, adapter = weights
         return model_state.forward(graphdef, p, side.tokens, side.positions, side.attn_mask, lora=adapter,
-                                   lora_scale=cfg.lora_scale or 1.0)[0]
+                                   lora_scale=cfg.lora_scale or 1.0, frozen=frozen)[0]
 
     t = batch.teacher
-    teacher_forward = lambda w: forward(w, t)  # noqa: E731
+    teacher_forward = lambda w: forward(w, t, True)  # noqa: E731
     if cfg.remat_teacher:
         teacher_forward = jax.checkpoint(teacher_forward)
     h_teacher = jax.lax.stop_gradient(_gather(teacher_forward(teacher), t.resp_index))
     s = batch.student
-    h_student = _gather(forward(student, s), s.resp_index)
+    h_student = _gather(forward(student, s, cfg.lora_scale is not None), s.resp_index)
     return divergence(
         h_student, h_teacher, model_state.lm_head(graphdef, student[0]), batch.resp_mask,
         kind=cfg.kind, beta=cfg.beta, clip=cfg.clip, tile=cfg.tile, vocab_tile=cfg.vocab_tile,

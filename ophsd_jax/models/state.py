@@ -110,10 +110,11 @@ def cast_params(params, dtype):
 
 
 def forward(graphdef, params, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=0, *,
-            lora=None, lora_scale: float = 1.0):
-    """Hidden states [B, T, D]; see `Decoder.__call__` (lora: adapters applied on the fly)."""
+            lora=None, lora_scale: float = 1.0, frozen: bool = False):
+    """Hidden states [B, T, D]; see `Decoder.__call__` (lora: adapters applied on the fly;
+    frozen: `params` are not differentiated)."""
     return nnx.merge(graphdef, params)(tokens, positions, attn_mask, cache, cache_index, lora=lora,
-                                       lora_scale=lora_scale)
+                                       lora_scale=lora_scale, frozen=frozen)
 
 
 def logits(graphdef, params, hidden):

@@ -105,7 +105,7 @@ class Decoder(nnx.Module):
             self.lm_head = nnx.Param(_init_value("lm_head", (D, V), pdt, rngs.params()), axes=("embed", "vocab"))
 
     def __call__(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=0, *,
-                 lora: dict | None = None, lora_scale: float = 1.0):
+                 lora: dict | None = None, lora_scale: float = 1.0, frozen: bool = False):
         """Final hidden states [B, T, D] (compute dtype) and the updated cache.
 
         lora: optional low-rank adapters {param name: {"a": [L, *in, r], "b": [L, r, *out]}}
@@ -116,16 +116,21 @@ class Decoder(nnx.Module):
         cache): 1 where a key position holds a real token. With a (stacked) cache the T
         new tokens are written at slots [cache_index, cache_index + T) and attend to all
         valid slots up to their own.
+
+        frozen: no gradient flows to these weights (a frozen teacher), so the backend may
+        pass them through the layer scan in another form (`Ops.frozen_stack`).
         """
         cfg = self.config
         x, mask, cos, sin = self._inputs(tokens, positions, attn_mask, cache, cache_index)
         params = {name: getattr(self.layers, name)[...] for name in layer_param_specs(cfg)}
+        params, unpack = backend_ops().frozen_stack(params) if frozen else _as_is(params)
 
         # The cache rides in the scan carry and is updated in place at [layer, ..., slot];
         # passing it as scanned xs/ys would copy all of it every layer of every step.
         def block(carry, xs):
             x, kv = carry
             p, adapter, layer = xs
+            p = unpack(p)
 
             def attend(q, k, v):
                 if kv is None:
@@ -298,13 +303,20 @@ def swiglu(h, w_gate, w_up, w_down):
 
 
 class Ops(NamedTuple):
-    """Backend-specific pieces of a layer: `dense(spec, x, w)` (an einsum) and `mlp`."""
+    """Backend-specific pieces of a layer: `dense(spec, x, w)` (an einsum), `mlp`, and
+    `frozen_stack(params) -> (xs, unpack)`: how weights that are not differentiated ride
+    through the layer scan (`unpack` turns one layer's slice of `xs` back into weights)."""
 
     dense: object
     mlp: object
+    frozen_stack: object
 
 
-CORE_OPS = Ops(dense=jnp.einsum, mlp=swiglu)
+def _as_is(params):
+    return params, lambda p: p
+
+
+CORE_OPS = Ops(dense=jnp.einsum, mlp=swiglu, frozen_stack=_as_is)
 
 
 def backend_ops() -> Ops:
