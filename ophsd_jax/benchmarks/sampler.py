@@ -36,7 +36,7 @@ from ophsd_jax.benchmarks.common import WEIGHTS, best_read_bandwidth, best_time,
 from ophsd_jax.models import cpu, transformer
 from ophsd_jax.models.weights import to_hf_tensors
 from ophsd_jax.models.config import as_dtype
-from ophsd_jax.sampling import Sampler, filter_logits, top_k_cap
+from ophsd_jax.sampling import RowSampling, Sampler, filter_logits, row_keys, sample_rows, top_k_cap
 
 ROWS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "float32")}  # name: (param dtype, compute dtype)
 
@@ -126,21 +126,29 @@ def _sorting_filter(logits, temperature, top_k, top_p):
     return jnp.where(logits < jnp.take_along_axis(order, n_keep - 1, axis=-1), -jnp.inf, logits)
 
 
-def bench_filter(vocab: int, batch: int, repeats: int) -> tuple[float, float]:
-    """(ours, sorting) seconds for one step's top-k 20 / top-p 0.95 filter + draw (the
-    harness settings of configs/smollm2_arithmetic.py) on [batch, vocab] logits."""
+def bench_filter(vocab: int, batch: int, repeats: int) -> dict:
+    """Seconds for one decode step's top-k 20 / top-p 0.95 filter and draw at temperature
+    0.6 (the harness settings of configs/smollm2_arithmetic.py) on [batch, vocab] logits:
+    `ours` / `sorting`: `filter_logits` vs the sorting filter, then one draw over the
+    vocabulary; `pooled` / `whole`: the sampler's own `sample_rows`, drawing among the
+    `top_k_cap` candidates vs over the whole vocabulary (how it drew before)."""
     logits = jax.random.normal(jax.random.key(0), (batch, vocab)) * 3
     key = jax.random.key(1)
     cap = top_k_cap(20, vocab)  # as the sampler passes it
     ours = jax.jit(lambda x: jax.random.categorical(key, filter_logits(x, 0.6, 20, 0.95, use_top_k=True,
                                                                         use_top_p=True, top_k_cap=cap)))
     base = jax.jit(lambda x: jax.random.categorical(key, _sorting_filter(x, 0.6, 20, 0.95)))
-    times = []
-    for f in (ours, base):
+    rows = RowSampling(row_keys(key, batch), np.full(batch, 0.6, np.float32), np.full(batch, 20, np.int32),
+                       np.full(batch, 0.95, np.float32), np.ones(batch, np.int32))
+    draw = lambda c: jax.jit(lambda x: sample_rows(x, rows, 0, greedy=False, use_top_k=True,  # noqa: E731
+                                                   use_top_p=True, top_k_cap=c))
+    fns = {"ours": ours, "sorting": base, "pooled": draw(cap), "whole": draw(0)}
+    times = {}
+    for name, f in fns.items():
         f(logits).block_until_ready()
-        times.append(best_time(lambda: f(logits).block_until_ready(), max(repeats, 20)))
+        times[name] = best_time(lambda: f(logits).block_until_ready(), max(repeats, 20))
     assert bool(jnp.all(ours(logits) == base(logits))), "filters disagree"
-    return times[0], times[1]
+    return times
 
 
 def _common_prefix(a, b) -> int:
@@ -221,9 +229,12 @@ def main(argv=None):
                   f"{row['weight_bytes'] / row['matmuls_alone_s'] / 1e9:.1f} GB/s: even with free attention the "
                   f"decode would be at {row['fraction_ceiling']:.2f} of bandwidth")
 
-    t_ours, t_sort = bench_filter(cfg.vocab_size, B, R)
+    ft = bench_filter(cfg.vocab_size, B, R)
+    t_ours, t_sort = ft["ours"], ft["sorting"]
     print(f"top-k 20 + top-p 0.95 filter and draw per decode step, [{B}, {cfg.vocab_size}] logits: "
           f"{t_ours * 1e3:.2f} ms (ours) vs {t_sort * 1e3:.2f} ms (sorting): {t_sort / t_ours:.1f}x")
+    print(f"the sampler's draw (sample_rows): among the top_k_cap candidates {ft['pooled'] * 1e3:.2f} ms vs over "
+          f"the whole vocabulary {ft['whole'] * 1e3:.2f} ms: {ft['whole'] / ft['pooled']:.1f}x")
 
     fp32, bf16 = rows["fp32"], rows["bf16"]
     emit({"bench": "sampler", "ours_decode_tok_s": fp32["ours_decode_tok_s"],
@@ -235,6 +246,7 @@ def main(argv=None):
           "bf16_decode_speedup": bf16.get("decode_speedup"), "bf16_ours_prefill_tok_s": bf16["ours_prefill_tok_s"],
           "bf16_hf_prefill_tok_s": bf16.get("hf_prefill_tok_s"), "bf16_bandwidth_fraction": bf16["bandwidth_fraction"],
           "bandwidth_gbs": bw / 1e9, "filter_ms": t_ours * 1e3, "sorting_filter_ms": t_sort * 1e3,
+          "pooled_draw_ms": ft["pooled"] * 1e3, "whole_draw_ms": ft["whole"] * 1e3,
           "batch": B, "prompt": P, "new": N, "weights": args.weights, "device": jax.devices()[0].device_kind,
           "cpu": cpu_model()})
 
