@@ -385,14 +385,14 @@ class Sampler:
         progress = _progress(most * count, self.show_progress and n_chunks > 1)
         t0 = time.perf_counter()
         # auto: the slot path (continuous batching) when the call has more prompts than
-        # slots, or when its prompts fall into buckets far enough apart that prefilling
-        # them at two sizes saves tokens (`prefill_groups`: the rollout joined with the
-        # planner's longer prompts). Otherwise a call that fits the slots starts every
-        # prompt at once on the static path, all rows prefilled at the longest bucket: one
-        # program instead of a prefill and a decode one. `continuous` takes the slot path anyway.
-        groups = prefill_groups(per_bucket, self.prompt_buckets) if any(per_bucket) else list(range(nb))
-        split = len({groups[b] for b, c in enumerate(per_bucket) if c}) > 1
-        if self.batching == "continuous" or (self.batching == "auto" and (n_chunks > 1 or split)):
+        # slots. A call that fits the slots starts every prompt at once on the static path,
+        # all rows prefilled at the longest bucket. On the slot path (`continuous`) such a
+        # call is prefilled at up to two sizes (`prefill_groups`): on the embedded default
+        # that made the compiled joined calls ~13% faster, but it compiled a refill and a
+        # decode program per size where the static path compiles one, which cost the 16-step
+        # run as much time as it saved and 0.24 GB more peak memory (docs/benchmarks.md).
+        if self.batching == "continuous" or (self.batching == "auto" and n_chunks > 1):
+            groups = prefill_groups(per_bucket, self.prompt_buckets) if any(per_bucket) else None
             all_rows = RowSampling(keys, temps, top_ks, top_ps, limits)
             for idx, most_b, longest_b in self._slot_runs(b_of, longest, most, n_chunks, per_bucket):
                 run_rows = RowSampling(*(x[np.asarray(idx, np.int64)] for x in all_rows))

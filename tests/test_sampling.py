@@ -501,7 +501,7 @@ def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model
     kw = dict(max_new_tokens=[3, 5, 4, 6, 2], rng=jax.random.key(0), temperature=0.0)
     static = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="static",
                      prompt_buckets=(8, 16, 32)).generate(params, prompts, **kw)
-    for batching in ("continuous", "auto"):  # auto: two prefill sizes save tokens here (prefill_groups)
+    for batching in ("continuous",):
         sampler = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, prompt_buckets=(8, 16, 32),
                           batching=batching)
         refills, inits = [], []
