@@ -187,10 +187,10 @@ def sample_rows(logits, rows: RowSampling, index, *, greedy: bool, use_top_k: bo
     keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(rows.keys, index)
     temperature, top_k, top_p = rows.temperature[:, None], rows.top_k[:, None], rows.top_p[:, None]
 
-    def draw(x, cap):
-        filtered = filter_logits(x, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p,
-                                 top_k_cap=cap)
-        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    def draw(x, cap, filtered=True):  # filtered=False: temperature only
+        x = filter_logits(x, temperature, top_k, top_p, use_top_k=use_top_k and filtered,
+                          use_top_p=use_top_p and filtered, top_k_cap=cap)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 
     if not (use_top_k and 0 < top_k_cap < logits.shape[-1]):
         return jnp.where(rows.temperature == 0.0, best, draw(logits, 0))
@@ -203,9 +203,8 @@ def sample_rows(logits, rows: RowSampling, index, *, greedy: bool, use_top_k: bo
     whole = ((rows.top_k <= 0) | tie) & (rows.temperature > 0)
 
     def draw_whole():  # filtered only if one of these rows needs it (rollout rows often do not)
-        plain = lambda: jax.vmap(jax.random.categorical)(  # noqa: E731 - temperature only
-            keys, filter_logits(logits, temperature, top_k, top_p, use_top_k=False, use_top_p=False)).astype(jnp.int32)
-        return jax.lax.cond(jnp.any(whole & (tie | (rows.top_p < 1))), lambda: draw(logits, 0), plain)
+        return jax.lax.cond(jnp.any(whole & (tie | (rows.top_p < 1))), lambda: draw(logits, 0),
+                            lambda: draw(logits, 0, filtered=False))
 
     drawn = jax.lax.cond(jnp.any(whole), lambda: jnp.where(whole, draw_whole(), drawn), lambda: drawn)
     return jnp.where(rows.temperature == 0.0, best, drawn)
