@@ -121,9 +121,9 @@ class Run:
         self.step, self._saved_step, self.pending_metrics, self._step_start = 0, None, None, None
         if found is not None:
             self._resume(*found, for_eval=for_eval)
+        self.sampler.poll = self.poll  # a SIGTERM abandons a generation within one decode segment
         if for_eval:
             return self
-        self.sampler.poll = self.poll  # a SIGTERM abandons a generation within one decode segment
         runtime.save_config(c, workdir)
         self.train_step = TrainStep(self.graphdef, runtime.step_config(c, self.mesh), self.optimizer, self.mesh,
                                     self.state, teacher_params=self.teacher_params)

@@ -212,3 +212,23 @@ def test_a_stop_during_the_last_steps_evaluation_does_not_start_the_final_one(tm
         R.run_condition(tiny.get_config(), "ophsd", 0, str(tmp_path), quick=True)
     assert evaluated == []
     assert not os.path.exists(R.final_eval_path(R.run_dir(str(tmp_path), "ophsd", 0), 2))
+
+
+def test_a_stop_during_the_final_evaluation_stops_it(tmp_path, monkeypatch):
+    """SIGTERM during the final evaluation (harness re-attached): the evaluation's sampler
+    polls the stop between decode segments, so the run stops without marking itself
+    finished. (Its sampler had no poll: the final evaluation ran on to the end.)"""
+    import importlib.util
+
+    from ophsd_jax.experiments import replicate as R
+    from ophsd_jax.run import Run
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    monkeypatch.setattr(Run, "_stop_requested", True)  # what the SIGTERM handler sets
+    with pytest.raises(R.Stopped, match="stopped during the final evaluation"):
+        R.run_condition(tiny.get_config(), "base", 0, str(tmp_path), quick=True)
+    workdir = R.run_dir(str(tmp_path), "base", 0)
+    assert not os.path.exists(R.final_eval_path(workdir, 0))
+    assert not os.path.exists(os.path.join(workdir, "eval", "step_0.jsonl"))

@@ -98,7 +98,7 @@ def run_condition(base, condition: str, seed: int, out: str, quick: bool) -> str
 
     from ophsd_jax import train
     from ophsd_jax.config import validate
-    from ophsd_jax.run import Run
+    from ophsd_jax.run import Run, StopRequested
 
     c = run_config(base, condition, seed, quick)
     validate(c)
@@ -120,7 +120,11 @@ def run_condition(base, condition: str, seed: int, out: str, quick: bool) -> str
                               "to resume")
         # The final checkpoint (or, untrained, the initial weights) with the harness re-attached.
         # This rewrites eval/step_<N>.jsonl; the copy under its own name marks the run finished.
-        train.evaluate_workdir(workdir, config=eval_config(c, base))
+        try:
+            train.evaluate_workdir(workdir, config=eval_config(c, base))
+        except StopRequested:  # SIGTERM during the final evaluation: nothing is lost but the evaluation
+            raise Stopped(f"{workdir}: stopped during the final evaluation; run the same command again "
+                          "to redo it") from None
         shutil.copyfile(os.path.join(workdir, "eval", f"step_{steps}.jsonl"), done + ".tmp")
         os.replace(done + ".tmp", done)
         finished = True
