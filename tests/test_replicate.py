@@ -232,3 +232,55 @@ def test_a_stop_during_the_final_evaluation_stops_it(tmp_path, monkeypatch):
     workdir = R.run_dir(str(tmp_path), "base", 0)
     assert not os.path.exists(R.final_eval_path(workdir, 0))
     assert not os.path.exists(os.path.join(workdir, "eval", "step_0.jsonl"))
+
+
+def test_runs_of_an_earlier_report_join_with_include(tmp_path, monkeypatch):
+    """--include: a run whose work dir is not here comes from an earlier results.json (and is
+    not run again); a run finished here wins over the earlier report's; the report names
+    which runs came from where; a report made with other settings is refused."""
+    import importlib.util
+
+    from ophsd_jax.experiments import replicate as R
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    base = tiny.get_config()
+    ids = [f"ex{i}" for i in range(6)]
+
+    def record(workdir, student):
+        return {"workdir": workdir, "examples": {i: [student, 1.0] for i in ids}, "curve": [[0, 0.1], [2, student]],
+                "loss": [[1, 0.5]], "wall_seconds": 10.0}
+
+    earlier = {"command": "x", "quick": True, "seeds": [0, 1], "k": R.QUICK["eval.k"],
+               "runs": {"base": [record("elsewhere/base", 0.25)],
+                        "ophsd": [record("elsewhere/ophsd_seed0", 0.5), record("elsewhere/ophsd_seed1", 0.0)]}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    out = tmp_path / "out"
+    here = R.final_eval_path(R.run_dir(str(out), "ophsd", 1), R.QUICK["train.steps"])  # seed 1 finished here
+    os.makedirs(os.path.dirname(here))
+    with open(here, "w") as f:
+        for i in ids:
+            f.write(json.dumps({"id": i, "rewards": [1.0, 0.0], "harness_reward": 0.0}) + "\n")
+    ran = []
+    monkeypatch.setattr(R, "run_condition", lambda base, name, seed, out, quick: ran.append((name, seed)))
+    results = R.replicate(base, str(out), conditions=["base", "ophsd"], seeds=[0, 1], quick=True,
+                          include=[str(path)])
+    assert ran == []  # base and ophsd seed 0 come from the earlier report; seed 1 is in both
+    assert [r["workdir"] for r in results["runs"]["base"]] == ["elsewhere/base"]
+    assert [r["workdir"] for r in results["runs"]["ophsd"]] == ["elsewhere/ophsd_seed0", R.run_dir(str(out), "ophsd", 1)]
+    ophsd = results["summary"]["conditions"]["ophsd"]
+    assert ophsd["per_seed_student"] == [0.5, 0.5] and ophsd["harness"]["mean"] == 0.5
+    assert results["summary"]["claims"]["2_ophsd_student_minus_base_harness"]["mean"] == pytest.approx(-0.5)
+    table = (out / "results.md").read_text()
+    assert f"base ({path}), ophsd_seed0 ({path})." in table and "ophsd_seed1 (" not in table
+
+    monkeypatch.setattr(R, "run_condition", lambda base, name, seed, out, quick: ran.append((name, seed)))
+    R.replicate(base, str(out), conditions=["ophsd"], seeds=[0, 1, 2], quick=True, include=[str(path)])
+    assert ran == [("ophsd", 2)]  # in neither: run
+
+    path.write_text(json.dumps({**earlier, "k": earlier["k"] + 1}))
+    with pytest.raises(ValueError, match=f"--include {path}: its runs were made with quick=True, k="):
+        R.replicate(base, str(out), conditions=["ophsd"], seeds=[0], quick=True, report_only=True,
+                    include=[str(path)])

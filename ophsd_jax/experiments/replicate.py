@@ -3,6 +3,7 @@
     python -m ophsd_jax.experiments.replicate --config configs/replicate_arithmetic.py --out runs/replicate
     python -m ophsd_jax.experiments.replicate ... --quick     # a minutes-long smoke run (the CI test)
     python -m ophsd_jax.experiments.replicate ... --report    # tables and plots from what has finished
+    python -m ophsd_jax.experiments.replicate ... --include old/results.json  # with runs of an earlier report
 
 Conditions (the same steps, batch, sampling budget and held-out set for all):
 
@@ -259,6 +260,10 @@ def write_table(results: dict, path: str) -> None:
     lines += ["", "| claim (paired over examples) | difference, points [95% CI] |", "|---|--:|"]
     for name, s in results["summary"]["claims"].items():
         lines.append(f"| {name} | {_fmt(s)} |")
+    earlier = [f"{os.path.basename(os.path.normpath(r['workdir']))} ({r['included_from']})"
+               for rs in results["runs"].values() for r in rs if "included_from" in r]
+    if earlier:
+        lines += ["", "Runs taken from earlier reports (--include): " + ", ".join(earlier) + "."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -324,26 +329,52 @@ def _save(fig, path: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def read_included(paths: list[str], *, quick: bool, k: int) -> dict[str, dict]:
+    """Runs of earlier reports (their results.json), by work dir name (`ophsd_seed1`, `base`):
+    a run's record there holds everything the report needs, so a run finished on another
+    machine, or whose work dir is gone, can join this report without its work dir."""
+    found: dict[str, dict] = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+            if earlier["quick"] != quick or earlier["k"] != k:
+                raise ValueError(f"--include {path}: its runs were made with quick={earlier['quick']}, "
+                                 f"k={earlier['k']}; this report has quick={quick}, k={k}")
+            for rs in earlier["runs"].values():
+                for r in rs:
+                    found.setdefault(os.path.basename(os.path.normpath(r["workdir"])), {**r, "included_from": path})
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--include {path}: not a results.json of this script ({type(e).__name__}: {e})") from None
+    return found
+
+
 def replicate(base, out: str, *, conditions: list[str], seeds: list[int], quick: bool = False,
-              report_only: bool = False, command: str = "") -> dict:
-    """Run every condition (unless `report_only`), then write results.json, the table and plots."""
+              report_only: bool = False, command: str = "", include: list[str] = ()) -> dict:
+    """Run every condition (unless `report_only`), then write results.json, the table and plots.
+    A run not finished here is taken from an `include`d earlier results.json, if it has it."""
     unknown = [x for x in conditions if x not in CONDITIONS]
     if unknown:
         raise ValueError(f"--conditions: unknown {unknown}; known: {list(CONDITIONS)}")
     os.makedirs(out, exist_ok=True)
+    k = run_config(base, conditions[0], seeds[0], quick).eval.k
+    included = read_included(list(include), quick=quick, k=k)
     runs: dict[str, list[dict]] = {}
     for name in conditions:
         for seed in (seeds if CONDITIONS[name][1] else [base.seed]):
             workdir = run_dir(out, name, seed)
             steps = final_step(run_config(base, name, seed, quick), name)
-            if not report_only:
+            if not report_only and os.path.basename(workdir) not in included:
                 run_condition(base, name, seed, out, quick)
             if os.path.exists(final_eval_path(workdir, steps)):
                 runs.setdefault(name, []).append(read_run(workdir, steps))
+            elif os.path.basename(workdir) in included:
+                r = included[os.path.basename(workdir)]
+                log.info("%s: from %s (%s)", workdir, r["included_from"], r["workdir"])
+                runs.setdefault(name, []).append(r)
             else:
                 log.warning("%s: not finished, left out of the report", workdir)
-    results = {"command": command, "quick": quick, "seeds": seeds,
-               "k": run_config(base, conditions[0], seeds[0], quick).eval.k,
+    results = {"command": command, "quick": quick, "seeds": seeds, "k": k, "include": list(include),
                "runs": runs, "summary": summarize(runs)}
     with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
@@ -364,7 +395,8 @@ def main(argv):
         results = train.run_cli(lambda: replicate(
             FLAGS.config, FLAGS.out, conditions=[x for x in FLAGS.conditions.split(",") if x],
             seeds=[int(x) for x in FLAGS.seeds.split(",") if x], quick=FLAGS.quick, report_only=FLAGS.report,
-            command=command), FLAGS.out, command="replicate", create_workdir=True)
+            command=command, include=[x for x in FLAGS.include.split(",") if x]),
+            FLAGS.out, command="replicate", create_workdir=True)
     except Stopped as e:
         sys.exit(str(e))
     del results
@@ -386,5 +418,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("seeds", "0,1", "seeds of the trained conditions")
     flags.DEFINE_bool("quick", False, "tiny sizes, a smoke test: " + json.dumps(QUICK))
     flags.DEFINE_bool("report", False, "only the report (results.json, table, plots) from the finished runs")
+    flags.DEFINE_string("include", "", "comma-separated results.json of earlier reports: a run not finished "
+                        "here is taken from them (and not run) when they have it, e.g. one run on another machine")
     FLAGS = flags.FLAGS
     app.run(main, flags_parser=parse_flags)
