@@ -293,9 +293,15 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         # every slot refilled at once at this bucket, and a decode segment over the slots.
         per_call = {k: v for k, v in kw.items() if k != "n_new_bucket"}
         slots = functools.partial(_slot_state, sampler, Bs, prompt_len, new, key_data.shape)
-        refill_args = lambda args=args, slots=slots: (args[0], slots(), args[1], args[2], row(jnp.int32), args[3],  # noqa: E731
-                                                      args[4])
-        out.append(Program(f"generate_{name}_refill[B={Bs},P={prompt_len},new={new}]",
+        # A refill takes at most `_refill_rows` rows per device (`sampler.prefill_tokens`).
+        local = max(1, sampler.batch_shards // sampler.share[1])
+        Bk = local * sampler._refill_rows(sampler.prompt_buckets.index(prompt_len), Bs // local)
+        first = lambda x, Bk=Bk: abstract((Bk, *x.shape[1:]), x.dtype, parallel.named_sharding(  # noqa: E731
+            mesh, ("batch",) + (None,) * (x.ndim - 1), (Bk, *x.shape[1:])))  # the refill's rows of a batch arg
+        refill_args = lambda args=args, slots=slots, first=first: (  # noqa: E731
+            args[0], slots(), first(args[1]), first(args[2]), first(row(jnp.int32)),
+            RowSampling(*map(first, args[3])), args[4])
+        out.append(Program(f"generate_{name}_refill[B={Bk},P={prompt_len},new={new}]",
                            lambda a=refill_args, kw=per_call: sampler._refill.lower(*a(), **kw), sampler_resident))
         segment_args = lambda args=args, slots=slots: (args[0], slots(), args[4], args[5], row(jnp.bool_),  # noqa: E731
                                                        args[5])

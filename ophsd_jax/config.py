@@ -152,8 +152,9 @@ def base_config() -> mlc.ConfigDict:
     c.sampler.new_token_buckets = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
     # decode steps per jitted call; a stop request (SIGTERM) is noticed between calls
     c.sampler.decode_segment = 128
-    # Prompt tokens per prefill pass (rows are prefilled in groups up to this); 0 = auto:
-    # 32768 on CPU, one pass on accelerators. Needs unsharded batch rows when set.
+    # Prompt tokens per prefill pass (rows are prefilled in groups up to this; on the slot
+    # path a refill takes at most this many tokens of rows); 0 = auto: 32768 on CPU, one
+    # pass on accelerators. Needs unsharded batch rows when set.
     c.sampler.prefill_tokens = 0
     # auto: continuous batching (decode slots refilled as rows finish) for calls with more
     # prompts than sampler.max_batch, static chunks otherwise; static | continuous: always.

@@ -301,7 +301,8 @@ class Sampler:
         # Prefill in groups of rows of at most this many prompt tokens (0: auto), so that
         # its activations do not scale with the whole batch: on XLA:CPU a batch-32 prefill
         # of 4k-token prompts needs ~11 GiB of temporaries in one pass. Rows are sliced
-        # out of the batch, so only with unsharded batch rows; auto: CPU only.
+        # out of the batch, so only with unsharded batch rows; auto: CPU only. The slot
+        # path's refills take at most this many tokens of rows each (`_refill_rows`).
         if prefill_tokens < 0:
             raise ValueError(f"prefill_tokens must be >= 0 (0: auto), got {prefill_tokens}")
         if prefill_tokens and self.batch_shards > 1:
@@ -531,9 +532,12 @@ class Sampler:
             flags = [max(len(g) for g in groups) for groups in placed] + [len(queue), sum(o >= 0 for o in owner)
                                                                           + len(take)]
             *qs, waiting, active = parallel.agree_max(flags) if count > 1 else flags
-            for b, q in enumerate(qs):
-                if not q:
-                    continue
+            for b, q_all, start in ((b, q, start) for b, q in enumerate(qs) if q
+                                    for start in range(0, q, self._refill_rows(b, per_device))):
+                # At most `_refill_rows` rows per device a refill: its prefill's activations
+                # stay within `prefill_tokens`, in one pass (grouping rows inside the refill
+                # would hold a second cache of all of them).
+                q = min(q_all - start, self._refill_rows(b, per_device))
                 q = min(per_device, 1 << (q - 1).bit_length())  # rows per device: powers of two
                 kb, Pk = q * local, self.prompt_buckets[b]
                 toks, mask = np.full((kb, Pk), self.pad_id, np.int32), np.zeros((kb, Pk), np.int32)
@@ -541,7 +545,7 @@ class Sampler:
                 mask[:, -1] = 1  # padding rows see one (pad) token so their softmax is well defined
                 idx = np.zeros((kb,), np.int64)
                 for d, group in enumerate(placed[b]):
-                    for j, (s, i) in enumerate(group):
+                    for j, (s, i) in enumerate(group[start:start + q]):
                         r = d * q + j
                         toks[r], mask[r] = self.pad_id, 0
                         toks[r, Pk - len(prompts[i]):], mask[r, Pk - len(prompts[i]):] = prompts[i], 1
@@ -574,6 +578,14 @@ class Sampler:
                     yield owner[s], (out_tok[s, :k_].tolist(), out_lp[s, :k_])
                     owner[s] = -1
             progress.update(len(finished) * count)
+
+    def _refill_rows(self, b: int, per_device: int) -> int:
+        """Most rows per device one refill prefills at prompt bucket `b`: a power of two of
+        at most `prefill_tokens` tokens (at least one row), or every slot without a limit."""
+        if not self.prefill_tokens:
+            return per_device
+        rows = max(1, self.prefill_tokens // self.prompt_buckets[b])
+        return min(per_device, 1 << (rows.bit_length() - 1))
 
     def _slots_init_fn(self, *, batch: int, prompt_len: int, n_new: int, key_shape):
         """Every slot free (done) and empty."""

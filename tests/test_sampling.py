@@ -519,6 +519,28 @@ def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model
     assert [k["prompt_len"] for _, k in inits] == [32, 8]
 
 
+def test_a_refill_prefills_at_most_prefill_tokens_per_pass(model):
+    """`prefill_tokens` bounds a refill's rows (its prefill's activations) on the slot path:
+    a refill takes at most prefill_tokens // bucket rows (a power of two, at least one), so
+    filling the slots takes several refills; the tokens are those of one refill per bucket."""
+    _, cfg, graphdef, params = model
+    mesh = parallel.single_device_mesh()
+    limits = [3 + (5 * i) % 9 for i in range(len(RAGGED))]
+    kw = dict(max_new_tokens=limits, rng=jax.random.split(jax.random.key(3), len(RAGGED)), temperature=1.0)
+    runs = {}
+    for cap in (0, 16):
+        sampler = Sampler(cfg, graphdef, mesh, max_batch=4, show_progress=False, prompt_buckets=(8, 16, 32),
+                          batching="continuous", prefill_tokens=cap)
+        refills = []
+        _spy(sampler, "_refill", refills)
+        runs[cap] = sampler.generate(params, RAGGED, **kw).tokens, [args[2].shape for args, _ in refills]
+    assert runs[16][0] == runs[0][0]
+    assert max(rows for rows, _ in runs[0][1]) == 4  # unbounded (0 on this mesh: CPU auto, 32768 tokens)
+    assert all(rows * bucket <= max(16, bucket) for rows, bucket in runs[16][1]), runs[16][1]
+    assert len(runs[16][1]) > len(runs[0][1])
+    assert sum(rows for rows, _ in runs[16][1]) >= len(RAGGED)
+
+
 def test_prefill_groups_use_at_most_two_sizes_and_only_where_they_save_tokens():
     sizes = (64, 128, 256, 512, 1024)
 
