@@ -532,12 +532,13 @@ class Sampler:
             flags = [max(len(g) for g in groups) for groups in placed] + [len(queue), sum(o >= 0 for o in owner)
                                                                           + len(take)]
             *qs, waiting, active = parallel.agree_max(flags) if count > 1 else flags
-            for b, q_all, start in ((b, q, start) for b, q in enumerate(qs) if q
-                                    for start in range(0, q, self._refill_rows(b, per_device))):
-                # At most `_refill_rows` rows per device a refill: its prefill's activations
-                # stay within `prefill_tokens`, in one pass (grouping rows inside the refill
-                # would hold a second cache of all of them).
-                q = min(q_all - start, self._refill_rows(b, per_device))
+            # At most `_refill_rows` rows per device a refill: its prefill's activations stay
+            # within `prefill_tokens`, in one pass (grouping rows inside the refill would
+            # hold a second cache of all of them).
+            for b, q_all, cap, start in ((b, q, cap, start) for b, q in enumerate(qs) if q
+                                         for cap in [self._refill_rows(b, per_device)]
+                                         for start in range(0, q, cap)):
+                q = min(q_all - start, cap)
                 q = min(per_device, 1 << (q - 1).bit_length())  # rows per device: powers of two
                 kb, Pk = q * local, self.prompt_buckets[b]
                 toks, mask = np.full((kb, Pk), self.pad_id, np.int32), np.zeros((kb, Pk), np.int32)

@@ -363,13 +363,14 @@ def replicate(base, out: str, *, conditions: list[str], seeds: list[int], quick:
     for name in conditions:
         for seed in (seeds if CONDITIONS[name][1] else [base.seed]):
             workdir = run_dir(out, name, seed)
+            earlier = included.get(os.path.basename(workdir))
             steps = final_step(run_config(base, name, seed, quick), name)
-            if not report_only and os.path.basename(workdir) not in included:
+            if not report_only and earlier is None:
                 run_condition(base, name, seed, out, quick)
             if os.path.exists(final_eval_path(workdir, steps)):
                 runs.setdefault(name, []).append(read_run(workdir, steps))
-            elif os.path.basename(workdir) in included:
-                r = included[os.path.basename(workdir)]
+            elif earlier is not None:
+                r = earlier
                 log.info("%s: from %s (%s)", workdir, r["included_from"], r["workdir"])
                 runs.setdefault(name, []).append(r)
             else:
