@@ -33,6 +33,16 @@ class IncompatibleCheckpoint(ValueError):
     shape or dtype, the state's tree, or the model the weights belong to."""
 
 
+def _state_handler() -> ocp.StandardCheckpointHandler:
+    """Orbax's standard handler, writing without compression: zstd's buffers held ~0.8x
+    the state in RSS during a save (1.06 GB for 1.27 GB of fp32 weights, which compress by
+    only a few percent; docs/benchmarks.md). Reads any checkpoint as before. The handler's
+    type stays Orbax's own, which its save/restore args are registered with."""
+    handler = ocp.StandardCheckpointHandler()
+    handler._impl = ocp.PyTreeCheckpointHandler(use_compression=False)  # what the handler delegates to
+    return handler
+
+
 class CheckpointManager:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
@@ -40,7 +50,7 @@ class CheckpointManager:
                                                create=True, cleanup_tmp_directories=True)
         # Handlers named up front, so that a checkpoint's metadata can be read before any restore.
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler(),
+            "state": _state_handler(), "host": ocp.JsonCheckpointHandler(),
             "arrays": ocp.PyTreeCheckpointHandler()})
         # Orbax removes unfinished saves' temp dirs in a background thread. Waited for here:
         # a run that fails early would otherwise leave it running, and at interpreter exit it

@@ -53,7 +53,7 @@ def train(config, workdir: str) -> dict:
 
 def _train_loop(run: Run, c, task, tok, bar) -> None:
     if run.step == 0 and c.train.eval_before:
-        run.evaluate(0)
+        run.evaluate_before_training()
     if run.pending_metrics is not None:  # stopped during the evaluation after this step: finish it
         run.end_step(run.step, run.pending_metrics, bar)
     for step in range(run.step, c.train.steps):

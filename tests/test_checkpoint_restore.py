@@ -145,3 +145,21 @@ def test_the_temp_dir_cleanup_is_done_when_the_manager_exists(tmp_path, monkeypa
         assert not unfinished.exists()
     finally:
         manager.close()
+
+
+def test_the_state_is_written_uncompressed(tmp_path):
+    """Compression's buffers held ~0.8x the state in RSS during a save, for a few percent
+    of disk on trained weights: the state is written as its raw bytes. Zeros, which any
+    compressor would shrink to nearly nothing, must take their full size on disk."""
+    mesh = mesh_of(1)
+    state = jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), train_state(mesh))
+    raw = sum(x.nbytes for x in jax.tree.leaves(state))
+    ckpt = CheckpointManager(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(1, state, {"model": MODEL}, {})
+    ckpt.close()
+    on_disk = sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "ckpt" / "1" / "state" / "**"), recursive=True)
+                  if os.path.isfile(p))
+    assert on_disk >= raw, (on_disk, raw)
+    _, restored, _, _ = CheckpointManager(str(tmp_path / "ckpt")).restore_latest(abstract_like(state), model=MODEL)
+    for got in host(restored):
+        assert not got.any()

@@ -197,11 +197,11 @@ def timing_free(rows):
             for r in rows}
 
 
-@pytest.mark.parametrize("phase,step", [("rollout", 3), ("eval", 2)])
+@pytest.mark.parametrize("phase,step", [("rollout", 3), ("eval", 2), ("eval", 4)])
 def test_sigterm_abandons_the_step_then_resume_is_bitwise_identical(finished_run, tmp_path, phase, step):
-    """SIGTERM while the rollout of step 3 (or the evaluation after step 2) runs: the run
-    exits 0 within seconds with a checkpoint of step 2, the last completed one; run again,
-    it ends with the params and metrics of the uninterrupted run."""
+    """SIGTERM while the rollout of step 3 (or the evaluation after step 2, or the final one
+    after step 4) runs: the run exits 0 within seconds with a checkpoint of the last
+    completed step; run again, it ends with the params and metrics of the uninterrupted run."""
     ref_dir, _ = finished_run
     workdir, marker = tmp_path / "term", tmp_path / "in_slow_phase"
     args = train_args(workdir, "--config.train.save_every=100")  # no checkpoint but the stop's
@@ -219,21 +219,68 @@ def test_sigterm_abandons_the_step_then_resume_is_bitwise_identical(finished_run
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, err[-3000:]
     assert seconds < STOP_SECONDS, f"{seconds:.1f} s from SIGTERM to exit"
-    assert complete_steps(workdir) == [2]
-    # The evaluation after step 2 was abandoned: its row waits for the resumed run.
-    assert [r["step"] for r in read_metrics(workdir)] == ([1, 2] if phase == "rollout" else [1])
-    assert "stopped after step 2" in err
+    done = step - 1 if phase == "rollout" else step  # the last completed step
+    assert complete_steps(workdir) == [done]
+    # An abandoned evaluation's row waits for the resumed run.
+    assert [r["step"] for r in read_metrics(workdir)] == list(range(1, done + (phase == "rollout")))
+    assert f"stopped after step {done}" in err
 
     resumed = cli("ophsd_jax.train", *args)
-    assert f"resumed from {workdir}/checkpoints/2" in resumed.stderr
+    assert f"resumed from {workdir}/checkpoints/{done}" in resumed.stderr
     rows, ref_rows = read_metrics(workdir), read_metrics(ref_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert timing_free(rows) == timing_free(ref_rows)
-    assert any("eval/avg@2" in r for r in rows if r["step"] == 2)
+    assert any("eval/avg@2" in r for r in rows if r["step"] == done)
     a, b = final_params(ref_dir, 4), final_params(workdir, 4)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_evaluations_run_without_the_optimizer_state_and_teacher(tmp_path, monkeypatch):
+    """Step 0's evaluation (a fresh run) and the last one (after the final checkpoint) free
+    the optimizer's moments and the frozen teacher. Step 0 rebuilds them exactly (the run
+    trains as one that skips that evaluation) and the last checkpoint still holds them."""
+    import importlib.util
+
+    import jax
+
+    from ophsd_jax import run as run_mod
+    from ophsd_jax.train import train
+
+    spec = importlib.util.spec_from_file_location("tiny", TINY)
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    seen = []
+    evaluate = run_mod.Run.evaluate
+
+    def spy(self, step):
+        seen.append((step, self.state.opt_state is None, self.teacher_params is None))
+        return evaluate(self, step)
+
+    monkeypatch.setattr(run_mod.Run, "evaluate", spy)
+
+    def run(name, eval_before):
+        c = tiny.get_config()
+        c.train.eval_before, c.train.compilation_cache_dir = eval_before, SHARED_CACHE
+        c.train.batch_size = 8  # in-process: the tests' 8 CPU devices shard the batch
+        c.train.steps, c.train.eval_every = 2, 1
+        train(c, str(tmp_path / name))
+        return c
+
+    c = run("lean", True)
+    assert seen == [(0, True, True), (1, False, False), (2, True, True)]
+    run("reference", False)
+    assert timing_free(read_metrics(tmp_path / "lean")) == timing_free(read_metrics(tmp_path / "reference"))
+    resumed = [run_mod.Run.create(c, str(tmp_path / name)) for name in ("lean", "reference")]
+    try:
+        assert [r.step for r in resumed] == [2, 2]
+        for a, b in zip(*(jax.tree.leaves(r.state) for r in resumed), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert any(np.any(np.asarray(m)) for m in jax.tree.leaves(resumed[0].state.opt_state))
+    finally:
+        for r in resumed:
+            r.ckpt.close()
 
 
 def workdir_state(workdir):
