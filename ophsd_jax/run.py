@@ -181,7 +181,6 @@ class Run:
             self.evaluate(0)
         finally:
             self.rebuild_training_arrays()
-            runtime.release_host_memory()
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -393,6 +392,7 @@ class Run:
                                                         for k, v in summary.items()))
         if hasattr(self, "evals"):
             self.evals[step] = summary
+        runtime.release_compiled_programs()  # the evaluation's, until the next one
         return summary
 
     def _eval_sampler(self):
