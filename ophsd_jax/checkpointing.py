@@ -36,7 +36,7 @@ class IncompatibleCheckpoint(ValueError):
 def _state_handler() -> ocp.StandardCheckpointHandler:
     """Orbax's standard handler, writing without compression: zstd's buffers held ~0.8x
     the state in RSS during a save (1.06 GB for 1.27 GB of fp32 weights, which compress by
-    only a few percent; docs/benchmarks.md). Reads any checkpoint as before. The handler's
+    ~8%; docs/benchmarks.md). Reads any checkpoint as before. The handler's
     type stays Orbax's own, which its save/restore args are registered with."""
     handler = ocp.StandardCheckpointHandler()
     handler._impl = ocp.PyTreeCheckpointHandler(use_compression=False)  # what the handler delegates to
