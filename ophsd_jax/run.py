@@ -177,10 +177,8 @@ class Run:
     def evaluate_before_training(self) -> None:
         """Step 0's evaluation, with the optimizer state and teacher freed for its duration."""
         self.drop_training_arrays()
-        try:
-            self.evaluate(0)
-        finally:
-            self.rebuild_training_arrays()
+        self.evaluate(0)  # (a stop here ends the run: nothing at step 0 to save)
+        self.rebuild_training_arrays()
 
     # ---- checkpoints -------------------------------------------------------------------
 
