@@ -32,3 +32,25 @@ def test_prompts_have_the_asked_length_and_differ(batch, length):
     prompts = make_prompts(bundled.load_bundled_tokenizer(), batch, length)
     assert len(prompts) == batch and {len(p) for p in prompts} == {length}
     assert len({tuple(p) for p in prompts}) == batch
+
+
+def test_host_memory_reports_every_phase_under_the_kernels_high_water_mark(tmp_path):
+    """The host-memory benchmark runs the trainer and labels its RSS samples by phase: every
+    phase of a run appears, in order, and no sampled peak exceeds the kernel's VmHWM."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-m", "ophsd_jax.benchmarks.host_memory", "--config",
+                           os.path.join(root, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+                           "--config.train.steps=1"], cwd=root, env={**env, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    phases = [p for p in out["peak_rss_gb_by_phase"] if p != "other"]  # (between phases: may be missed)
+    assert phases[:2] == ["setup", "evaluation @ 0"] and phases[-1] == "evaluation @ 1", phases
+    assert {"generate", "update", "checkpoint save"} <= set(phases), phases
+    assert all(0 < v <= out["peak_rss_gb"] + 1e-3 for v in out["peak_rss_gb_by_phase"].values()), out
