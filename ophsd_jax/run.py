@@ -331,12 +331,12 @@ class Run:
         if "tokens_per_s" not in metrics:  # (a pending step from a stopped run has its own)
             metrics["tokens_per_s"] = float(metrics.get("tokens", 0.0)) / max(sum(self.timer.seconds.values()), 1e-9)
         if step % c.train.eval_every == 0 or step == c.train.steps:
-            if step == c.train.steps and self._saved_step != step:
+            if step == c.train.steps:
                 # Last step: checkpoint it first (its metrics pending, as after a stop), so the
                 # final evaluation runs without the optimizer state and teacher.
-                self.save(step, scalars({**self.timer.report(), **metrics}))
-                self.ckpt.wait()
-            if step == c.train.steps:
+                if self._saved_step != step:
+                    self.save(step, scalars({**self.timer.report(), **metrics}))
+                    self.ckpt.wait()
                 self.drop_training_arrays()
             with self.timer("eval"):
                 metrics.update(self.evaluate(step))

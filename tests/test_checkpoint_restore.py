@@ -148,8 +148,8 @@ def test_the_temp_dir_cleanup_is_done_when_the_manager_exists(tmp_path, monkeypa
 
 
 def test_the_state_is_written_uncompressed(tmp_path):
-    """Compression's buffers held ~0.8x the state in RSS during a save, for a few percent
-    of disk on trained weights: the state is written as its raw bytes. Zeros, which any
+    """Compression's buffers held ~0.8x the state in RSS during a save, for 8% of disk on
+    trained weights: the state is written as its raw bytes. Zeros, which any
     compressor would shrink to nearly nothing, must take their full size on disk."""
     mesh = mesh_of(1)
     state = jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), train_state(mesh))
