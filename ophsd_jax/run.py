@@ -93,6 +93,7 @@ class Run:
         # config (an incompatible one is an error that leaves the work dir as it was): until
         # then the compilation cache is only read, and the data (built in the work dir) waits.
         runtime.use_compilation_cache(c, workdir, write=False)
+        runtime.release_host_memory_after_compiles()
         self.model_cfg, self.graphdef, params, self.tokenizer = runtime.load_model(c, self.mesh)
         self.model_identity = model_identity(c, self.model_cfg)
         self.rng = jax.random.key(c.seed)

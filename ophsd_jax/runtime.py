@@ -236,6 +236,31 @@ def release_host_memory() -> None:
         pass
 
 
+# JAX records this event when a backend compilation (or a persistent-cache load) ends,
+# before the program's first run; tests/test_runtime.py checks that it still fires.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_trim_hook_registered = False
+
+
+def release_host_memory_after_compiles() -> None:
+    """From now on, hand the heap the compiler freed back to the OS after each compilation.
+    XLA frees its working memory when it finishes, but glibc keeps it, so a new program's
+    first run stacked its buffers on top of the compiler's: on the embedded default the
+    first update and the first generation peaked ~0.3-0.5 GB above the later ones
+    (docs/benchmarks.md, "Host memory, tenth session"). Registered once per process; a
+    trim takes milliseconds against compilations of seconds."""
+    global _trim_hook_registered
+    if _trim_hook_registered:
+        return
+
+    def after_compile(event: str, duration: float, **_) -> None:
+        if event == _COMPILE_EVENT:
+            release_host_memory()
+
+    jax.monitoring.register_event_duration_secs_listener(after_compile)
+    _trim_hook_registered = True
+
+
 def release_compiled_programs() -> None:
     """On CPU, drop every compiled program (they are reloaded from the compilation cache,
     or recompiled, when next called). XLA:CPU's programs are machine code in host memory:

@@ -130,3 +130,34 @@ def test_release_host_memory_returns_freed_heap_to_the_os():
     held, after = map(int, out.stdout.split()[-2:])
     assert held > 200 << 20, held  # the freed chunks were still resident
     assert after < held // 4, (held, after)
+
+
+def test_the_heap_is_released_after_each_compilation_not_after_each_call():
+    """`runtime.release_host_memory_after_compiles`: the compiler's freed heap goes back to
+    the OS when a compilation ends, before the program's first run. Counts the releases
+    around a new program, its cached reruns, a second program and a second registration.
+    Also fails if JAX stops recording the compile event the hook listens for."""
+    import textwrap
+
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from ophsd_jax import runtime
+        calls = []
+        runtime.release_host_memory = lambda: calls.append(1)
+        runtime.release_host_memory_after_compiles()
+        runtime.release_host_memory_after_compiles()  # once per process
+        x = jnp.ones(8)  # (may compile a program itself)
+        start = len(calls)
+        f = jax.jit(lambda a: jnp.sin(a) * 3.0)
+        f(x).block_until_ready()
+        first = len(calls) - start
+        for _ in range(3):
+            f(x).block_until_ready()
+        reruns = len(calls) - start - first
+        jax.jit(lambda a: jnp.cos(a) + 1.0)(x).block_until_ready()
+        print(first, reruns, len(calls) - start - first - reruns)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    first, reruns, second = map(int, out.stdout.split()[-3:])
+    assert (first, reruns, second) == (1, 0, 1), out.stdout
