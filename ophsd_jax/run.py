@@ -22,8 +22,8 @@ from ophsd_jax.checkpointing import (CheckpointManager, IncompatibleCheckpoint, 
 from ophsd_jax.data.iterator import ExampleIterator
 from ophsd_jax.distill.batch import Buckets, PairBatch, SideBatch
 from ophsd_jax.distill.losses import reward_weights
-from ophsd_jax.distill.step import (TrainStep, init_train_state, learning_rate_schedule, micro_batch_rows_error,
-                                   OptimConfig)
+from ophsd_jax.distill.step import (TrainStep, init_train_state, initial_state, learning_rate_schedule,
+                                   micro_batch_rows_error, OptimConfig)
 from ophsd_jax.evaluate import evaluate, write_eval
 from ophsd_jax.metrics import MetricsWriter, PhaseTimer, logged_steps, progress_bar, scalars
 from ophsd_jax.models import lora as lora_lib
@@ -102,13 +102,20 @@ class Run:
         # LoRA: the state trains the adapter; the base weights (reloaded likewise) are the
         # step's second argument, and the sampler gets base + adapter merged once per step.
         self.lora = runtime.lora_config(c)
-        trained, self.teacher_params = runtime.trainable_params(c, self.model_cfg, params, self.mesh)
+        if for_eval and self.lora is None:  # evaluation reads neither a frozen teacher nor the moments
+            trained, self.teacher_params = params, None
+        else:
+            trained, self.teacher_params = runtime.trainable_params(c, self.model_cfg, params, self.mesh)
         self._merge = lora_lib.make_merge(params) if self.lora else None
         self._decode_layout = None  # built on first use (sampler.weights="decode")
-        self.state = init_train_state(trained, self.optimizer, self.mesh)
+        # Evaluation-only runs never build the initial moments: the restore target is abstract
+        # (for the embedded default 1.6 GB fewer arrays while a checkpoint is read).
+        abstract = init_train_state(abstract_like(trained), self.optimizer, self.mesh)
+        self.state = initial_state(trained, self.mesh) if for_eval else \
+            init_train_state(trained, self.optimizer, self.mesh)
         self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                       async_save=c.train.async_checkpoints)
-        found = self.ckpt.restore_latest(abstract_like(self.state), max_step=restore_step, model=self.model_identity)
+        found = self.ckpt.restore_latest(abstract, max_step=restore_step, model=self.model_identity)
         if found is None and for_eval:
             if not initial_ok:
                 raise FileNotFoundError(f"no readable checkpoint in {self.ckpt.directory}")

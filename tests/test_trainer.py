@@ -240,7 +240,8 @@ def test_sigterm_abandons_the_step_then_resume_is_bitwise_identical(finished_run
 def test_evaluations_run_without_the_optimizer_state_and_teacher(tmp_path, monkeypatch):
     """Step 0's evaluation (a fresh run) and the last one (after the final checkpoint) free
     the optimizer's moments and the frozen teacher. Step 0 rebuilds them exactly (the run
-    trains as one that skips that evaluation) and the last checkpoint still holds them."""
+    trains as one that skips that evaluation) and the last checkpoint still holds them.
+    An evaluation-only run never builds them."""
     import importlib.util
 
     import jax
@@ -281,6 +282,24 @@ def test_evaluations_run_without_the_optimizer_state_and_teacher(tmp_path, monke
     finally:
         for r in resumed:
             r.ckpt.close()
+    # An evaluation-only run builds no moments or teacher at all, not even to restore into.
+    built = []
+    init = run_mod.init_train_state
+
+    def init_spy(params, *args):
+        built.append(all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)))
+        return init(params, *args)
+
+    monkeypatch.setattr(run_mod, "init_train_state", init_spy)
+    evaluating = run_mod.Run.create(c, str(tmp_path / "lean"), for_eval=True)
+    try:
+        assert built == [True] and evaluating.step == 2  # only the abstract restore target
+        assert evaluating.state.opt_state is None and evaluating.teacher_params is None
+        for a, b in zip(jax.tree.leaves(evaluating.state.params), jax.tree.leaves(resumed[0].state.params),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    finally:
+        evaluating.ckpt.close()
 
 
 def workdir_state(workdir):

@@ -129,6 +129,11 @@ def init_train_state(params, optimizer, mesh: Mesh) -> TrainState:
     return TrainState(step, params, opt_state)
 
 
+def initial_state(params, mesh: Mesh) -> TrainState:
+    """Step 0 without optimizer moments: what an evaluation reads."""
+    return TrainState(parallel.global_array(np.zeros((), np.int32), NamedSharding(mesh, P())), params, None)
+
+
 def micro_batch_rows_error(batch_size: int, micro_batches: int, mesh: Mesh) -> str | None:
     """Why `batch_size` rows cannot go in `micro_batches` slices sharded over the batch
     axes of `mesh`, or None. Each slice must split evenly over data x fsdp: otherwise XLA
