@@ -44,20 +44,25 @@ class PhaseMemory:
         self._interval = interval
         threading.Thread(target=self._sample, daemon=True).start()
 
+    def _record(self, phase: str) -> None:
+        rss = _status_gb("VmRSS")
+        if phase not in self.peaks:
+            self.order.append(phase)
+        self.peaks[phase] = max(self.peaks[phase], rss)
+
     def _sample(self):
         while True:
-            phase, rss = self.phase, _status_gb("VmRSS")
-            if phase not in self.peaks:
-                self.order.append(phase)
-            self.peaks[phase] = max(self.peaks[phase], rss)
+            self._record(self.phase)
             time.sleep(self._interval)
 
     @contextlib.contextmanager
     def labelled(self, phase: str):
         self.phase = phase
+        self._record(phase)  # also at entry and exit: a phase shorter than the interval still shows
         try:
             yield
         finally:
+            self._record(phase)
             self.phase = "other"
 
     def instrument(self) -> None:
