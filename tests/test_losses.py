@@ -111,6 +111,26 @@ def test_value_and_grads_match_naive(kind, beta):
 
 
 @pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_a_vocab_major_head_gives_the_same_loss_and_the_transposed_gradient(kind, beta):
+    """A tied embedding goes in as stored, [V, D] (`vocab_major`): the loss and the hidden
+    states' gradient are the naive [D, V] ones, the head's gradient is theirs transposed."""
+    hs, ht, w, mask, weights = _inputs(seed=2)
+    w_teacher = w + 0.2 * jax.random.normal(jax.random.key(8), w.shape)
+    kw = dict(kind=kind, beta=beta, weights=weights)
+    val, (g_hidden, g_head) = _value_and_grads(losses.divergence, hs, ht, w.T, mask, vocab_major=True,
+                                               teacher_lm_head=w_teacher.T, **kw, **TILING)
+    ref, ref_grads = _value_and_grads(losses.naive_divergence, hs, ht, w, mask, teacher_lm_head=w_teacher, **kw)
+    assert g_head.shape == (V, D)
+    bounds = _bounds(hs, ht, w, mask, **kw, w_teacher=w_teacher)
+    _assert_value_and_grads(val, (g_hidden, g_head.T), ref, ref_grads, bounds)
+    scores = losses.token_scores(hs, ht, w.T, mask, vocab_major=True, teacher_lm_head=w_teacher.T, tile=16)
+    ref_scores = losses.token_scores(hs, ht, w, mask, teacher_lm_head=w_teacher, tile=16)
+    # Default scores H / max H: each fp32 evaluation within 2 r of exact (test_token_scores_match_numpy).
+    r_ent = tol.prob(D + V) + 3 * tol.U32
+    assert np.all(np.abs(np.asarray(scores) - np.asarray(ref_scores)) <= 2 * 2 * r_ent * np.asarray(ref_scores))
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3)])
 def test_separate_teacher_head_and_aux_match_naive(kind, beta):
     hs, ht, w, mask, _ = _inputs(seed=1)
     w_teacher = w + 0.2 * jax.random.normal(jax.random.key(7), w.shape)

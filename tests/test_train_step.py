@@ -4,6 +4,7 @@ micro-batching, non-finite skipping, compile counts, and a learning test."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import tolerances as tol
@@ -303,3 +304,101 @@ def test_bf16_first_moment_follows_fp32_adam():
     for d, e, a in zip(jax.tree.leaves(diffs), jax.tree.leaves(param_err), jax.tree.leaves(fp32_atol)):
         assert np.all(d <= e + a)
     assert max(float(d.max()) for d in jax.tree.leaves(diffs)) > 0  # the bf16 moment did change something
+
+
+def _reference_optimizer(cfg: OptimConfig):
+    """The optimizer as Optax writes it: clip, AdamW with the step's decay mask, skip non-finite."""
+    from ophsd_jax.distill.step import decay_mask, learning_rate_schedule
+
+    inner = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+
+
+def _optimizer_tree(seed):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return {"embed": jax.random.normal(k[0], (512, 64)), "layers": {
+        "w_up": jax.random.normal(k[1], (4, 64, 128)), "attn_norm": 1 + 0.1 * jax.random.normal(k[2], (4, 64))}}
+
+
+@pytest.mark.parametrize("grad_scale", [1e-3, 1.0])  # global norm below / far above the clip
+def test_apply_gradients_is_optax_clip_adamw_apply_if_finite(grad_scale):
+    """`apply_gradients` (the parameter update inside the skip conditional, the clip as one
+    multiply) against Optax's own clip_by_global_norm + adamw + apply_if_finite + apply_updates,
+    one step at a time from the same state (three steps), then a non-finite gradient.
+    Bound: the clip rounds each gradient twice in
+    either form (<= 4u relative apart); Adam's first moment adds a rounding, its second two
+    (g^2), the update m_hat / (sqrt(v_hat) + eps) the sum of those plus three: 16u relative in
+    the update, times the learning rate in the parameters, plus the rounding of each side's
+    parameter sum (2u relative apart)."""
+    from ophsd_jax.distill.step import apply_gradients
+
+    cfg = OptimConfig(learning_rate=1e-2, weight_decay=0.1, grad_clip=1.0)
+    ours, ref = make_optimizer(cfg), _reference_optimizer(cfg)
+    p_ref = _optimizer_tree(0)
+    s_ref = ref.init(p_ref)
+    step_ours = jax.jit(lambda g, s, p: apply_gradients(ours, g, s, p))
+
+    @jax.jit
+    def step_ref(g, s, p):
+        u, s = ref.update(g, s, p)
+        return optax.apply_updates(p, u), s, u
+
+    u32 = tol.U32
+    for t in range(3):
+        # One direction, growing: the moments never cancel, so their errors stay relative.
+        grads = jax.tree.map(lambda x: (1 + t) * grad_scale * x, _optimizer_tree(10))
+        clipped = float(optax.tree.norm(grads)) > cfg.grad_clip
+        assert clipped == (grad_scale > 0.1)  # the two cases are what they say
+        p_ours, s_ours = step_ours(grads, s_ref, p_ref)
+        p_ref, s_ref, u_ref = step_ref(grads, s_ref, p_ref)
+        for a, b, u in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref), jax.tree.leaves(u_ref)):
+            bound = 16 * u32 * np.abs(np.asarray(u)) + 2 * u32 * np.abs(np.asarray(b))
+            assert np.all(np.abs(np.asarray(a) - np.asarray(b)) <= bound)
+        for a, b in zip(jax.tree.leaves(s_ours), jax.tree.leaves(s_ref)):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.dtype == np.float32:
+                assert np.all(np.abs(a - b) <= 16 * u32 * np.abs(b))
+            else:
+                np.testing.assert_array_equal(a, b)
+    # A non-finite gradient: parameters and moments unchanged, the same counters as Optax's.
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim > 1 else x, _optimizer_tree(20))
+    p_skip, s_skip = step_ours(bad, s_ref, p_ref)
+    _, s_ref_skip, _ = step_ref(bad, s_ref, p_ref)
+    for a, b in zip(jax.tree.leaves((p_skip, s_skip.inner_state)), jax.tree.leaves((p_ref, s_ref.inner_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name in ("notfinite_count", "last_finite", "total_notfinite"):
+        assert getattr(s_skip, name) == getattr(s_ref_skip, name), name
+    assert int(s_skip.total_notfinite) == 1
+
+
+def test_apply_gradients_keeps_no_tree_of_updates_in_scratch_memory():
+    """The compiler's own memory analysis: applying the gradients to donated params and
+    moments takes less scratch than the largest parameter; `optax.apply_updates` after
+    `apply_if_finite`'s update (the old step) kept the whole tree of updates (>= every
+    parameter's bytes), the conditional's output."""
+    from ophsd_jax.distill.step import apply_gradients
+
+    opt = make_optimizer(OptimConfig(learning_rate=1e-3, weight_decay=0.1, grad_clip=1.0))
+    params = _optimizer_tree(0)
+    grads, state = jax.tree.map(lambda x: 0.01 * x, params), opt.init(params)
+
+    def old(g, s, p):
+        u, s = opt.update(g, s, p)
+        return s, optax.apply_updates(p, u)
+
+    def new(g, s, p):
+        p, s = apply_gradients(opt, g, s, p)
+        return s, p
+
+    def temp(f):
+        # Outputs in the donated inputs' order, as in the step's TrainState: JAX pairs each
+        # output with the first unused donated buffer of its shape.
+        jitted = jax.jit(f, donate_argnums=(1, 2))
+        return jitted.lower(grads, state, params).compile().memory_analysis().temp_size_in_bytes
+
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    assert temp(old) >= total
+    assert temp(new) < largest

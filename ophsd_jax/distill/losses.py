@@ -151,11 +151,13 @@ def _entropy(logits):
 # ---------------------------------------------------------------------------
 
 
-def _logits(h, w, compute_dtype):
-    """fp32 logits from hidden ``[..., D]`` and head ``[D, V]`` (operands in compute dtype)."""
+def _logits(h, w, compute_dtype, vocab_major=False):
+    """fp32 logits from hidden ``[..., D]`` and head ``[D, V]``, or ``[V, D]`` when
+    ``vocab_major`` (operands in compute dtype)."""
     dtype = compute_dtype or jnp.result_type(h, w)
     return jnp.einsum(
-        "...d,dv->...v", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+        "...d,vd->...v" if vocab_major else "...d,dv->...v", h.astype(dtype), w.astype(dtype),
+        preferred_element_type=jnp.float32,
     )
 
 
@@ -180,7 +182,7 @@ def _from_chunks(y, t):
 
 
 def _scan_tiles(tile_fn: Callable, student_hidden, teacher_hidden, lm_head, teacher_lm_head,
-                tile, compute_dtype=None):
+                tile, compute_dtype=None, vocab_major=False):
     """Forward only: apply ``tile_fn(s_logits, t_logits) -> tuple of [B, tt]`` per tile.
 
     The scan runs over chunks of the sequence axis; each step sees a
@@ -195,8 +197,8 @@ def _scan_tiles(tile_fn: Callable, student_hidden, teacher_hidden, lm_head, teac
 
     def step(carry, x):
         hs, ht = x
-        s = _logits(hs, lm_head, compute_dtype)
-        tl = _logits(ht, teacher_lm_head, compute_dtype)
+        s = _logits(hs, lm_head, compute_dtype, vocab_major)
+        tl = _logits(ht, teacher_lm_head, compute_dtype, vocab_major)
         return carry, tile_fn(s, tl)
 
     _, ys = jax.lax.scan(step, None, xs)
@@ -207,7 +209,7 @@ def _scan_tiles(tile_fn: Callable, student_hidden, teacher_hidden, lm_head, teac
 def _tiled_divergence(hs, w, ht, wt, cfg):
     """Per-token ``(divergence, student entropy, teacher entropy)``, each ``[B, T]``.
 
-    ``cfg = (kind, beta, tile, vocab_tile, compute_dtype)``, static. Only the
+    ``cfg = (kind, beta, tile, vocab_tile, compute_dtype, vocab_major)``, static. Only the
     divergence is differentiable (w.r.t. ``hs`` and ``w``); the entropies are
     for logging (their cotangent is ignored; the caller stops their gradient).
     The teacher inputs ``ht``, ``wt`` get no gradient.
@@ -216,12 +218,12 @@ def _tiled_divergence(hs, w, ht, wt, cfg):
 
 
 def _tiled_fwd(hs, w, ht, wt, cfg):
-    kind, beta, tile, _, compute_dtype = cfg
+    kind, beta, tile, _, compute_dtype, vocab_major = cfg
 
     def tile_fn(s, t):
         return (*_token_stats(s, t, kind, beta), _entropy(s), _entropy(t))
 
-    div, c, lse_s, lse_t, ent_s, ent_t = _scan_tiles(tile_fn, hs, ht, w, wt, tile, compute_dtype)
+    div, c, lse_s, lse_t, ent_s, ent_t = _scan_tiles(tile_fn, hs, ht, w, wt, tile, compute_dtype, vocab_major)
     # Residuals: the inputs and [B, T] per-token stats, no [tokens, V] arrays.
     return (div, ent_s, ent_t), (hs, w, ht, wt, c, lse_s, lse_t)
 
@@ -230,15 +232,18 @@ def _tiled_bwd(cfg, res, cts):
     """Recompute logits one ``[B, tt, vocab_tile]`` block at a time.
 
     Outer loop over vocabulary blocks, inner loop over token tiles: each head
-    gradient block ``[D, vocab_tile]`` is summed over all tokens in an fp32
-    accumulator and written once, so the head gradient needs no ``[D, V]``
-    scratch buffer (not even for a bf16 head). The hidden-state gradient is
-    summed over vocabulary blocks in an fp32 ``[B, T, D]`` buffer.
+    gradient block ``[D, vocab_tile]`` (``[vocab_tile, D]`` for a vocab-major
+    head) is summed over all tokens in an fp32 accumulator and written once, so
+    the head gradient needs no ``[D, V]`` scratch buffer (not even for a bf16
+    head). The hidden-state gradient is summed over vocabulary blocks in an fp32
+    ``[B, T, D]`` buffer.
     """
-    kind, beta, tile, vocab_tile, compute_dtype = cfg
+    kind, beta, tile, vocab_tile, compute_dtype, vocab_major = cfg
     hs, w, ht, wt, c, lse_s, lse_t = res
     g = cts[0].astype(jnp.float32)
-    t, d, v = hs.shape[1], hs.shape[2], w.shape[1]
+    vaxis = 0 if vocab_major else 1
+    t, d, v = hs.shape[1], hs.shape[2], w.shape[vaxis]
+    head = "vd" if vocab_major else "dv"
     tt = _tokens_per_tile(hs.shape, tile)
     dtype = compute_dtype or jnp.result_type(hs, w)
     xs = tuple(_to_chunks(x, tt) for x in (hs, ht, g, c, lse_s, lse_t))
@@ -251,24 +256,24 @@ def _tiled_bwd(cfg, res, cts):
         # masked out of dh so they are not added twice.
         start = jnp.minimum(j * vc, v - vc)
         fresh = start + jnp.arange(vc) >= j * vc
-        w_j = jax.lax.dynamic_slice_in_dim(w, start, vc, axis=1)
-        wt_j = jax.lax.dynamic_slice_in_dim(wt, start, vc, axis=1)
+        w_j = jax.lax.dynamic_slice_in_dim(w, start, vc, axis=vaxis)
+        wt_j = jax.lax.dynamic_slice_in_dim(wt, start, vc, axis=vaxis)
 
         def token_step(inner, x):
             dw_j, dh = inner
             i, (hs_i, ht_i, g_i, c_i, lse_s_i, lse_t_i) = x
-            logp = _logits(hs_i, w_j, compute_dtype) - lse_s_i[..., None]
-            logq = _logits(ht_i, wt_j, compute_dtype) - lse_t_i[..., None]
+            logp = _logits(hs_i, w_j, compute_dtype, vocab_major) - lse_s_i[..., None]
+            logq = _logits(ht_i, wt_j, compute_dtype, vocab_major) - lse_t_i[..., None]
             ds = (g_i[..., None] * _logit_grad(logp, logq, c_i, kind, beta)).astype(dtype)
-            dw_j = dw_j + jnp.einsum("btd,btv->dv", hs_i.astype(dtype), ds,
+            dw_j = dw_j + jnp.einsum(f"btd,btv->{head}", hs_i.astype(dtype), ds,
                                      preferred_element_type=jnp.float32)
-            dh_i = jnp.einsum("btv,dv->btd", jnp.where(fresh, ds, 0), w_j.astype(dtype),
+            dh_i = jnp.einsum(f"btv,{head}->btd", jnp.where(fresh, ds, 0), w_j.astype(dtype),
                               preferred_element_type=jnp.float32)
             return (dw_j, dh.at[i].add(dh_i)), None
 
-        dw_j = jnp.zeros((d, vc), jnp.float32)
+        dw_j = jnp.zeros((vc, d) if vocab_major else (d, vc), jnp.float32)
         (dw_j, dh), _ = jax.lax.scan(token_step, (dw_j, dh), (jnp.arange(len(xs[0])), xs))
-        dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis=1)
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis=vaxis)
         return (dh, dw), None
 
     dh0 = jnp.zeros(xs[0].shape, jnp.float32)
@@ -303,6 +308,7 @@ def token_scores(
     teacher_lm_head=None,
     tile: int = 256,
     compute_dtype=None,
+    vocab_major: bool = False,
 ):
     """Subsampling weights ``(H_S / max H_S)^alpha * (JSD / max JSD)^gamma``, ``[B, T]``.
 
@@ -325,7 +331,8 @@ def token_scores(
         return _entropy(s), jsd
 
     ent, jsd = _scan_tiles(
-        tile_fn, student_hidden, teacher_hidden, lm_head, teacher_lm_head, tile, compute_dtype
+        tile_fn, student_hidden, teacher_hidden, lm_head, teacher_lm_head, tile, compute_dtype,
+        vocab_major,
     )
     valid = mask > 0
 
@@ -428,13 +435,16 @@ def divergence(
     gamma: float = 0.0,
     teacher_top_k: int | None = None,
     subsample_key=None,
+    vocab_major: bool = False,
 ):
     """Exact full-vocabulary divergence, tiled over tokens. Returns ``(loss, aux)``.
 
     Args:
       student_hidden, teacher_hidden: ``[B, T, D]`` final (post-norm) hidden
         states at the positions that predict the response tokens, aligned.
-      lm_head: ``[D, V]`` head for the student logits (gets gradient).
+      lm_head: ``[D, V]`` head for the student logits (gets gradient); ``[V, D]``
+        with ``vocab_major`` (a tied embedding as stored: transposing it would
+        cost a ``[D, V]`` copy, and another for its gradient).
       mask: ``[B, T]``, nonzero at response positions.
       kind, beta: ``"reverse_kl"`` | ``"forward_kl"`` | ``"jsd"`` with ``beta``
         in [0, 1] (static Python float); see the module docstring.
@@ -442,8 +452,8 @@ def divergence(
       vocab_tile: column block of the in-place head-gradient update.
       weights: optional ``[B]`` per-sample weights.
       clip: optional per-token divergence cap.
-      teacher_lm_head: ``[D, V]`` head for the teacher logits (e.g. frozen
-        initial weights); defaults to ``lm_head``. Never gets gradient.
+      teacher_lm_head: the teacher's head, same layout (e.g. frozen initial
+        weights); defaults to ``lm_head``. Never gets gradient.
       compute_dtype: dtype of the matmul operands (e.g. ``jnp.bfloat16`` with
         fp32 master weights); default: promote hidden and head dtypes. Softmax
         math is always fp32 and the head gradient is accumulated in fp32.
@@ -470,12 +480,12 @@ def divergence(
         scores = token_scores(
             student_hidden, t_hidden, lm_head, mask, alpha=alpha, gamma=gamma,
             teacher_top_k=teacher_top_k, teacher_lm_head=t_head, tile=tile,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, vocab_major=vocab_major,
         )
         used = mask * select_tokens(scores, mask, keep_fraction, subsample_key)
 
     cdt = None if compute_dtype is None else jnp.dtype(compute_dtype)
-    cfg = (*kb, int(tile), int(vocab_tile), cdt)
+    cfg = (*kb, int(tile), int(vocab_tile), cdt, bool(vocab_major))
     div, ent_s, ent_t = _tiled_divergence(student_hidden, lm_head, t_hidden, t_head, cfg)
     ent_s, ent_t = jax.lax.stop_gradient((ent_s, ent_t))
     return _reduce(div, ent_s, ent_t, mask, used, weights, clip)

@@ -90,15 +90,66 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+# `optax.apply_if_finite` gives up skipping after this many non-finite steps in a row: never.
+_MAX_SKIPS = 1_000_000
+
+
+class Optimizer(NamedTuple):
+    """An Optax transformation (`init`, `update`) and the `inner` clip + AdamW chain that
+    `apply_gradients` runs, together with the parameter update, in one conditional."""
+
+    init: Any
+    update: Any
+    inner: optax.GradientTransformation
+
+
+def make_optimizer(cfg: OptimConfig) -> Optimizer:
     """Global-norm clip, then AdamW with `decay_mask`. A non-finite gradient skips the
     update (params and moments unchanged); `skipped_updates` counts them."""
     inner = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+        clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                     weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.dtype(cfg.mu_dtype)),
     )
-    return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+    outer = optax.apply_if_finite(inner, max_consecutive_errors=_MAX_SKIPS)
+    return Optimizer(outer.init, outer.update, inner)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (same empty state) as one multiply by a scalar. Optax
+    divides every gradient by the norm, and XLA does not copy a divide into each of its
+    consumers (Adam's two moments), so it kept a clipped copy of every gradient beside the
+    gradients (docs/benchmarks.md, "Update scratch memory")."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        factor = jnp.minimum(1.0, max_norm / norm)  # exactly 1 below the threshold
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def apply_gradients(optimizer: Optimizer, grads, opt_state: optax.ApplyIfFiniteState, params):
+    """`optax.apply_updates(params, updates)` after `optimizer.update`: the same values and
+    state, but the parameter update runs inside `apply_if_finite`'s conditional. Outside it,
+    the conditional's output, a full tree of updates (the size of the model), sat in XLA's
+    scratch memory beside the gradients; inside it, each update is used once, fused into its
+    parameter's (docs/benchmarks.md, "Update scratch memory")."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    failures = jnp.where(finite, 0, optax.safe_increment(opt_state.notfinite_count))
+
+    def apply(_):
+        updates, inner = optimizer.inner.update(grads, opt_state.inner_state, params)
+        return optax.apply_updates(params, updates), inner
+
+    def skip(_):
+        return params, opt_state.inner_state
+
+    params, inner = jax.lax.cond(finite | (failures > _MAX_SKIPS), apply, skip, None)
+    total = jnp.where(finite, opt_state.total_notfinite, optax.safe_increment(opt_state.total_notfinite))
+    return params, optax.ApplyIfFiniteState(notfinite_count=failures, last_finite=finite, total_notfinite=total,
+                                            inner_state=inner)
 
 
 def optimizer_state_shardings(optimizer, params, mesh: Mesh):
@@ -182,10 +233,13 @@ def loss_fn(params, teacher_params, batch: PairBatch, sample_weights, graphdef, 
     h_teacher = jax.lax.stop_gradient(_gather(teacher_forward(teacher), t.resp_index))
     s = batch.student
     h_student = _gather(forward(student, s, cfg.lora_scale is not None), s.resp_index)
+    # The heads as stored (a tied embedding stays [V, D]: no transposed copies).
+    head, vocab_major = model_state.output_head(graphdef, student[0])
+    teacher_head, _ = model_state.output_head(graphdef, teacher[0])
     return divergence(
-        h_student, h_teacher, model_state.lm_head(graphdef, student[0]), batch.resp_mask,
+        h_student, h_teacher, head, batch.resp_mask, vocab_major=vocab_major,
         kind=cfg.kind, beta=cfg.beta, clip=cfg.clip, tile=cfg.tile, vocab_tile=cfg.vocab_tile,
-        weights=sample_weights, teacher_lm_head=model_state.lm_head(graphdef, teacher[0]),
+        weights=sample_weights, teacher_lm_head=teacher_head,
         keep_fraction=cfg.keep_fraction, alpha=cfg.alpha, gamma=cfg.gamma, teacher_top_k=cfg.teacher_top_k,
         compute_dtype=None if cfg.compute_dtype is None else jnp.dtype(cfg.compute_dtype),
     )
@@ -240,8 +294,7 @@ def train_step(state: TrainState, teacher_params, batch: PairBatch, sample_weigh
     grads = jax.tree.map(lambda g: g / total, grads)
     aux = {k: v if k in _COUNTS else v / total for k, v in aux.items()}
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_gradients(optimizer, grads, state.opt_state, state.params)
     metrics = dict(grad_norm=optax.tree.norm(grads), skipped_updates=opt_state.total_notfinite, **aux)
     return TrainState(state.step + 1, params, opt_state), metrics
 

@@ -125,6 +125,11 @@ def lm_head(graphdef, params) -> jax.Array:
     return nnx.merge(graphdef, params).lm_head_weight()
 
 
+def output_head(graphdef, params) -> tuple[jax.Array, bool]:
+    """`(head as stored, vocab_major)`: see `Transformer.output_head`."""
+    return nnx.merge(graphdef, params).output_head()
+
+
 def positions_from_mask(attn_mask) -> jnp.ndarray:
     """Position ids counting only real tokens (left or right padding)."""
     m = attn_mask.astype(jnp.int32)

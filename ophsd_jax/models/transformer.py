@@ -175,6 +175,15 @@ class Decoder(nnx.Module):
         """[D, V] output projection (the embedding transposed when tied)."""
         return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
+    def output_head(self) -> tuple[jax.Array, bool]:
+        """The output projection as stored, and whether it is vocab-major: `([V, D], True)`
+        for a tied embedding, `([D, V], False)` otherwise. For callers that can contract
+        either layout (the distillation loss), so a tied head is never transposed: on XLA:CPU
+        that is a [D, V] copy of the embedding, plus one for its gradient."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...], True
+        return self.lm_head[...], False
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits; call on a slice of hidden states to keep [tokens, vocab] small."""
         w = self.lm_head_weight().astype(hidden.dtype)
