@@ -402,3 +402,34 @@ def test_apply_gradients_keeps_no_tree_of_updates_in_scratch_memory():
     largest = max(x.nbytes for x in jax.tree.leaves(params))
     assert temp(old) >= total
     assert temp(new) < largest
+
+
+def test_a_tied_head_enters_the_loss_as_stored_with_the_transposed_heads_loss_and_gradient(monkeypatch):
+    """A tied model's head goes into the loss as the embedding itself ([V, D], vocab-major);
+    the loss and every parameter's gradient (the embedding's sums the head's and the
+    lookup's) are those of the transposed head ([D, V], the layout checked against the
+    naive loss in test_losses), within `step_tolerances` of two fp32 evaluations."""
+    from ophsd_jax.distill.step import loss_fn
+
+    cfg = CFG.replace(tie_word_embeddings=True)
+    mesh = parallel.single_device_mesh()
+    graphdef, params = S.init_params(cfg, mesh, seed=4)
+    params = jax.tree.map(lambda x: 2.0 * x if x.ndim > 1 else x, params)
+    teacher = jax.tree.map(lambda x: x * 1.1 if x.ndim > 1 else x, params)  # a frozen teacher that differs
+    batch = make_batch(np.random.default_rng(5))
+    assert S.output_head(graphdef, params)[1]  # the tied head is passed vocab-major
+
+    def value_and_grad():
+        f = lambda p: loss_fn(p, teacher, batch, batch.row_mask, graphdef, StepConfig())[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    loss, grads = value_and_grad()
+    monkeypatch.setattr(S, "output_head", lambda g, p: (S.lm_head(g, p), False))  # embed.T, [D, V]
+    ref_loss, ref_grads = value_and_grad()
+    grad_norm = float(optax.tree.norm(ref_grads))
+    seq = max(batch.student.tokens.shape[1], batch.teacher.tokens.shape[1])
+    loss_atol, grad_atol = step_tolerances(graphdef, params, batch, grad_norm, seq, cfg=cfg, teacher_params=teacher)
+    assert float(ref_loss) > 1e-2 and grad_norm > 1e-2  # a real signal
+    assert abs(float(loss) - float(ref_loss)) <= loss_atol
+    diff = optax.tree.norm(jax.tree.map(lambda a, b: a - b, grads, ref_grads))
+    assert float(diff) <= grad_atol, (float(diff), grad_atol)
