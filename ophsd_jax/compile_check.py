@@ -201,10 +201,10 @@ def _generation_calls(c) -> list[tuple[str, int, int, list[tuple[int, float]]]]:
     # Harness prompts carry the problem plus the harness's own material: the largest bucket.
     # The first call runs together with the student's answers (one sampler call; its rows
     # may have either's prompt length, token limit and sampling, so the program takes the
-    # larger of each, and both kinds of rows).
+    # larger of each, and both kinds of rows), unless sampler.join_calls is off.
     for j, (call, new) in enumerate(harness_calls):
         new = bucket(min(new, nb[-1]), nb, f"{call} tokens")
-        if j == 0:
+        if j == 0 and c.sampler.get("join_calls", True):
             joined = [s for s in student if s[0] == "rollout" or c.eval.harness]
             calls += [(f"{n}+harness_{call}", pb[-1], max(new, m), rows + [harness]) for n, _, m, rows in joined]
             student = [s for s in student if s not in joined]

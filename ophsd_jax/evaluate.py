@@ -51,7 +51,7 @@ def evaluate(*, sampler, tokenizer, params, task, harness, examples, eval_cfg, r
     convs = [task.student_messages(e) for e in examples]
     student = ChatRequest([m for m in convs for _ in range(k)], eval_cfg.max_new_tokens, jax.random.fold_in(rng, 0),
                           eval_cfg.temperature, eval_cfg.top_p, eval_cfg.top_k)
-    # The student's answers join the harness's first call (one sampler call).
+    # The student's answers join the harness's first call (one sampler call, sampler.join_calls).
     harness_calls = []
     gen = GenerateChat(sampler, tokenizer, params, jax.random.fold_in(rng, 1), template_kwargs=template_kwargs,
                        record=harness_calls, join=student)

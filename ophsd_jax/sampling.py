@@ -281,11 +281,20 @@ class Sampler:
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS, cache_dtype: str | None = None,
                  pad_id: int = 0, show_progress: bool = True, layer_loop: str = "auto", decode_segment: int = 128,
-                 prefill_tokens: int = 0, batching: str = "auto"):
+                 prefill_tokens: int = 0, batching: str = "auto", join_calls: bool = True):
         self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.batching = batching
+        # Whether `GenerateChat` makes independent calls (the rollout and the harness's
+        # first call) one sampler call. On accelerators a decode step's extra rows are
+        # nearly free. On CPU a decode step costs about in proportion to its rows, and a
+        # joined call that fits the slots prefills every row at the longest prompt's bucket
+        # and decodes every row to the longest limit: separate calls halve the embedded
+        # default's harness seconds once compiled, but compile one more program (~0.2 GB
+        # resident, slower first steps), which a 16-step run does not win back
+        # (docs/benchmarks.md, "The harness's generation per training step").
+        self.join_calls = bool(join_calls)
         if layer_loop == "auto":
             layer_loop = "unrolled" if mesh.devices.flat[0].platform == "cpu" else "scan"
         if layer_loop not in ("scan", "unrolled"):
@@ -904,11 +913,13 @@ class GenerateChat:
     prompt did not fit the sampler (see `generate_chats`). Each call draws a fresh key
     (fold_in of a call counter).
 
-    `join`: a request that does not depend on the harness (the step's rollout). It is
-    generated in one sampler call with the harness's first call (which depends only on
-    the prompts too), each keeping its own settings and keys, so both get exactly what
-    separate calls would give; `joined()` returns its output (generating it alone if the
-    harness made no call). `record`: a list each harness call's ChatOutput is appended to.
+    `join`: a request that does not depend on the harness (the step's rollout). Where
+    the sampler joins calls (`Sampler.join_calls`, the default) it is generated in one sampler call with
+    the harness's first call (which depends only on the prompts too), each keeping its own
+    settings and keys, so both get exactly what separate calls would give; `joined()`
+    returns its output (generating it alone if it was not joined: the harness made no
+    call, or the sampler does not join). `record`: a list each harness call's ChatOutput
+    is appended to.
     """
 
     def __init__(self, sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
@@ -922,7 +933,7 @@ class GenerateChat:
         request = ChatRequest(conversations, max_new_tokens or self.default_max_new_tokens,
                               jax.random.fold_in(self.rng, self.calls), temperature, top_p, top_k)
         self.calls += 1
-        *joined, out = self._generate([self._join] * (self._pending()) + [request])
+        *joined, out = self._generate([self._join] * self._pending() + [request])
         if joined:
             self._joined = joined[0]
         if self.record is not None:
@@ -931,12 +942,12 @@ class GenerateChat:
 
     def joined(self) -> ChatOutput:
         """The output of the `join` request."""
-        if self._pending():
+        if self._joined is None and self._join is not None:
             self._joined = self._generate([self._join])[0]
         return self._joined
 
-    def _pending(self) -> int:
-        return int(self._join is not None and self._joined is None)
+    def _pending(self) -> int:  # a join request to add to the next call
+        return int(self._join is not None and self._joined is None and self.sampler.join_calls)
 
     def _generate(self, requests):
         return generate_chats(self.sampler, self.tokenizer, self.params, requests,

@@ -6,8 +6,9 @@ Each step (docs/design.md):
   1. rollout  - the student answers bare prompts with the current weights (T=1.0)
   2. harness  - the same prompts go through the harness, also with the current weights;
                 its last call's messages are the teacher context (its first call and
-                the rollout are one sampler call; its last call's answer, which only
-                the harness reward reads, for harness.reward_fraction of the rows)
+                the rollout are one sampler call, sampler.join_calls;
+                its last call's answer, which only the harness reward reads, for
+                harness.reward_fraction of the rows)
   3. distill  - one jitted step scores the student's own response under both contexts
                 and moves the student towards the teacher, token by token
   4. bookkeep - memory bank, metrics, periodic evaluation and checkpoints
@@ -64,7 +65,8 @@ def _train_loop(run: Run, c, task, tok, bar) -> None:
             params = run.sample_params()  # current weights (LoRA: base + adapter, merged once per step)
             rollout_request = ChatRequest(student_msgs, c.rollout.max_new_tokens, jax.random.fold_in(key, 0),
                                           c.rollout.temperature, c.rollout.top_p, c.rollout.top_k)
-            # The rollout joins the harness's first call (one sampler call; neither needs the other).
+            # The rollout joins the harness's first call (one sampler call; neither needs the
+            # other), unless sampler.join_calls is off.
             generate_chat = GenerateChat(run.sampler, tok, params, jax.random.fold_in(key, 1),
                                          template_kwargs=run.template_kwargs, join=rollout_request)
             # The final call's answer only feeds the harness reward: generated where it is used.

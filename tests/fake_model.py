@@ -27,6 +27,7 @@ class ByteTokenizer:
 
 class ScriptedSampler:
     share = (0, 1)  # one process
+    join_calls = True  # GenerateChat joins independent calls (`Sampler`'s default)
 
     def __init__(self, answer, prompt_buckets=(1 << 20,)):
         self.answer = answer if callable(answer) else (lambda prompt: answer)

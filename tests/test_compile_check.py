@@ -208,3 +208,15 @@ def test_the_slot_path_programs_are_compiled_with_the_cache_sharded_over_the_bat
         assert cache / shards <= r.argument - weights <= (cache + rows) / shards + (1 << 16), (kind, r.argument, cache)
     if name == "8xH100":
         assert results["_refill"].temp < 2 * results[""].temp, (results["_refill"].temp, results[""].temp)
+
+
+@pytest.mark.parametrize("join_calls", [True, False])
+def test_the_generation_calls_follow_sampler_join_calls(join_calls):
+    """The rollout joined with the harness's first call is one program, or two without."""
+    c = small_config(8, micro=1)
+    c.harness.name, c.sampler.join_calls = "plan_solve", join_calls
+    names = [name for name, *_ in cc._generation_calls(c)]
+    if join_calls:
+        assert names == ["rollout+harness_plan", "eval+harness_plan", "harness_solve"]
+    else:
+        assert names == ["rollout", "eval", "harness_plan", "harness_solve"]

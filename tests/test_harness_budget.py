@@ -26,10 +26,11 @@ def answer(prompt: str) -> str:
     return "[罪名]盗窃<eoa>" if "罪名" in prompt or "[" in prompt else "Student answer \\boxed{2}."
 
 
-def run_step(harness, examples, final, student_msgs):
+def run_step(harness, examples, final, student_msgs, join_calls=True):
     """The trainer's generation for one step: (results, rollout, sampler) with the rollout
-    joined to the harness's first call."""
+    joined to the harness's first call (where the sampler joins calls)."""
     sampler = ScriptedSampler(answer)
+    sampler.join_calls = join_calls
     rollout_request = ChatRequest(student_msgs, 40, jax.random.key(0))
     gen = GenerateChat(sampler, TOK, None, jax.random.key(1), join=rollout_request)
     results = harness.run(examples, gen, final=final)
@@ -67,6 +68,41 @@ def test_plan_solve_generates_the_solve_only_for_final_rows(final):
     n = lambda text: len(TOK.encode(text))  # noqa: E731
     assert generated_tokens(sampler) == 3 * (n("1. Add the numbers.") + n("Student answer \\boxed{2}.")) + \
         sum(wanted) * n("The sum is \\boxed{1}, as planned.")
+
+
+def test_a_sampler_that_does_not_join_gets_the_rollout_and_harness_calls_separately_with_the_same_outputs():
+    """`Sampler.join_calls` False (the CPU default): the rollout is its own sampler call,
+    after the harness's, and every output is what the joined call gave."""
+    task = make_task("math")
+    harness = make_harness("plan_solve", task, {"plan_max_tokens": 64, "solve_max_tokens": 64})
+    students = [task.student_messages(e) for e in EXAMPLES]
+    final = [True, False, False]
+    joined = run_step(harness, EXAMPLES, final, students)
+    results, rollout, sampler = run_step(harness, EXAMPLES, final, students, join_calls=False)
+    plan, solve, rollout_call = sampler.calls  # three calls, none joined; the same prompts in all
+    assert [len(c) for c in sampler.calls] == [3, 1, 3]
+    assert all(PLANNER_SYSTEM in TOK.decode(p) for p in plan) and rollout_call == joined[2].calls[0][:3]
+    assert plan == joined[2].calls[0][3:] and solve == joined[2].calls[1]
+    assert [getattr(rollout, f) for f in ("texts", "tokens", "prompt_tokens", "skipped")] == \
+        [getattr(joined[1], f) for f in ("texts", "tokens", "prompt_tokens", "skipped")]
+    assert [r.teacher_messages for r in results] == [r.teacher_messages for r in joined[0]]
+    assert [r.final_response for r in results] == [r.final_response for r in joined[0]]
+
+
+@pytest.mark.parametrize("join_calls", [True, False])
+def test_the_config_key_reaches_the_sampler(join_calls):
+    from ophsd_jax import parallel, runtime
+    from ophsd_jax.config import base_config
+    from ophsd_jax.models import state as model_state
+    from ophsd_jax.models.config import ModelConfig
+
+    cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8)
+    mesh = parallel.single_device_mesh()
+    graphdef, _ = model_state.init_params(cfg, mesh, seed=0)
+    c = base_config()
+    c.sampler.join_calls = join_calls
+    assert runtime.make_sampler(c, cfg, graphdef, mesh, TOK).join_calls is join_calls
 
 
 def test_draft_verify_verifies_only_final_rows_and_cold_start_joins_the_rollout(law):  # noqa: F811
