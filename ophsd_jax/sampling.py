@@ -287,13 +287,7 @@ class Sampler:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.batching = batching
         # Whether `GenerateChat` makes independent calls (the rollout and the harness's
-        # first call) one sampler call. On accelerators a decode step's extra rows are
-        # nearly free. On CPU a decode step costs about in proportion to its rows, and a
-        # joined call that fits the slots prefills every row at the longest prompt's bucket
-        # and decodes every row to the longest limit: separate calls halve the embedded
-        # default's harness seconds once compiled, but compile one more program (~0.2 GB
-        # resident, slower first steps), which a 16-step run does not win back
-        # (docs/benchmarks.md, "The harness's generation per training step").
+        # first call) one sampler call (config.py: sampler.join_calls says when not to).
         self.join_calls = bool(join_calls)
         if layer_loop == "auto":
             layer_loop = "unrolled" if mesh.devices.flat[0].platform == "cpu" else "scan"
@@ -913,13 +907,13 @@ class GenerateChat:
     prompt did not fit the sampler (see `generate_chats`). Each call draws a fresh key
     (fold_in of a call counter).
 
-    `join`: a request that does not depend on the harness (the step's rollout). Where
-    the sampler joins calls (`Sampler.join_calls`, the default) it is generated in one sampler call with
-    the harness's first call (which depends only on the prompts too), each keeping its own
-    settings and keys, so both get exactly what separate calls would give; `joined()`
-    returns its output (generating it alone if it was not joined: the harness made no
-    call, or the sampler does not join). `record`: a list each harness call's ChatOutput
-    is appended to.
+    `join`: a request that does not depend on the harness (the step's rollout). Where the
+    sampler joins calls (`Sampler.join_calls`, the default) it is generated in one sampler
+    call with the harness's first call (which depends only on the prompts too), each
+    keeping its own settings and keys, so both get exactly what separate calls would give;
+    `joined()` returns its output (generating it alone if it was not joined: the harness
+    made no call, or the sampler does not join). `record`: a list each harness call's
+    ChatOutput is appended to.
     """
 
     def __init__(self, sampler: Sampler, tokenizer, params, rng: jax.Array, *, default_max_new_tokens: int = 512,
