@@ -622,7 +622,7 @@ class Sampler:
             P = state.kv_mask.shape[1] - n_new
             k, Pk = prompt.shape
             positions = model_state.positions_from_mask(prompt_mask)
-            last, part = self._prefill(forward, prompt, positions, prompt_mask, 0, layers is not None)
+            last, part = self._prefill(model, prompt, positions, prompt_mask, 0, layers is not None)
             logits = logits_fn(last)
             first = sample_rows(logits, new, 0, greedy=greedy, use_top_k=use_top_k, use_top_p=use_top_p,
                                 top_k_cap=top_k_cap)
@@ -720,7 +720,7 @@ class Sampler:
             forward, logits_fn, layers = self._layer_loop(model)
             kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((B, n_new_bucket), jnp.int32)], axis=1)
             positions = model_state.positions_from_mask(prompt_mask)
-            last, cache = self._prefill(forward, prompt, positions, kv_mask, n_new_bucket, layers is not None)
+            last, cache = self._prefill(model, prompt, positions, kv_mask, n_new_bucket, layers is not None)
             logits = logits_fn(last)
             sample = functools.partial(sample_rows, rows=rows, greedy=greedy, use_top_k=use_top_k,
                                        use_top_p=use_top_p, top_k_cap=top_k_cap)
@@ -731,11 +731,13 @@ class Sampler:
                                 jnp.isin(first, stop) | (rows.limit <= 1), positions[:, -1] + 1)
             return self._decode(forward, logits_fn, state, P, rows, stop, segment, sample)
 
-    def _prefill(self, forward, prompt, positions, kv_mask, n_new: int, per_layer: bool):
+    def _prefill(self, model, prompt, positions, kv_mask, n_new: int, per_layer: bool):
         """(last hidden state [B, D], the cache with the prompts written): one pass, or a
         loop over groups of rows of at most `prefill_tokens` tokens, each prefilled into a
-        cache of its own rows that is then copied into the batch's cache."""
+        cache of its own rows that is then copied into the batch's cache. Always the scanned
+        layer stack, also for a per-layer cache (`_scanned_prefill`)."""
         B, P = prompt.shape
+        forward = functools.partial(self._scanned_prefill, model) if per_layer else model
         cache = self._empty_cache(B, P + n_new, per_layer=per_layer)
         rows = max(1, self.prefill_tokens // P) if self.prefill_tokens else B
         while B % rows:  # equal groups (B is a power of two times the batch shards)
@@ -798,6 +800,20 @@ class Sampler:
         c = _rows_constrain
         state = DecodeState(step, cache, c(kv_mask), c(out_tok), c(out_lp), c(done), c(pos))
         return state, (step >= jnp.max(rows.limit)) | jnp.all(done)
+
+    def _scanned_prefill(self, model, tokens, positions, attn_mask, cache: KVCache, cache_index: int):
+        """`cpu.forward_layers` for a prefill (nothing cached before it), from the scanned
+        layer stack: a prefill is matmul-bound, so slicing each layer's weights out of the
+        stack costs it little, while unrolling the layers in every generation program
+        doubled that program's machine code (XLA:CPU: ~0.15 GB resident and ~6 s to compile
+        per program on the embedded default, docs/benchmarks.md). The prompt's keys and
+        values go into the per-layer cache's first slots."""
+        if not (isinstance(cache_index, int) and cache_index == 0):
+            raise ValueError(f"a scanned prefill writes from slot 0, got cache_index={cache_index!r}")
+        B, n = tokens.shape
+        hidden, part = model(tokens, positions, attn_mask[:, :n], self._empty_cache(B, n, per_layer=False), 0)
+        return hidden, KVCache([c.at[..., :n].set(k) for c, k in zip(cache.k, part.k)],  # keys [B, K, Dh, S]
+                               [c.at[:, :, :n].set(v) for c, v in zip(cache.v, part.v)])  # values [B, K, S, Dh]
 
     def _empty_cache(self, batch: int, slots: int, per_layer: bool) -> KVCache:
         cache = KVCache.zeros(self.cfg, batch, slots, self.cache_dtype, per_layer=per_layer)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.extend import core as jex_core
 
 import tolerances as tol
 from hf_reference import make_hf_model, save_hf_model
@@ -130,6 +131,47 @@ def test_layer_loops_agree(model):
     with pytest.raises(ValueError, match="layer_loop"):
         Sampler(cfg, graphdef, mesh, layer_loop="loop")
 
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive `name` in `jaxpr`, each nested jaxpr counted at every place
+    it is used (a loop body once, an unrolled layer once per layer)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    n += _count_primitive(sub.jaxpr, name)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    n += _count_primitive(sub, name)
+    return n
+
+
+def test_the_unrolled_layer_loop_unrolls_only_the_decode(model):
+    """The prefill runs through the scanned stack in both layer loops: on XLA:CPU each
+    unrolled layer is machine code of its own, and an unrolled prefill doubled every
+    generation program's (docs/benchmarks.md). So a start program (prefill + decode)
+    minus a resume program (decode only) has the same matmuls in both loops."""
+    _, cfg, graphdef, params = model
+    mesh = parallel.single_device_mesh()
+    dots = {}
+    for loop in LAYER_LOOPS:
+        sampler = Sampler(cfg, graphdef, mesh, max_batch=4, show_progress=False, layer_loop=loop, decode_segment=2)
+        traced = {}
+        for name in ("_start", "_resume"):
+            fn = getattr(sampler, name)
+
+            def capture(*a, fn=fn, name=name, **kw):
+                traced[name] = _count_primitive(fn.trace(*a, **kw).jaxpr.jaxpr, "dot_general")
+                return fn(*a, **kw)
+
+            setattr(sampler, name, capture)
+        sampler.generate(params, PROMPTS, max_new_tokens=5, rng=jax.random.key(0), temperature=0.0)
+        dots[loop] = traced
+    # the unrolled decode has a layer's matmuls per layer (and its projections in blocks)
+    assert dots["unrolled"]["_resume"] >= dots["scan"]["_resume"] + cfg.num_layers - 1
+    assert (dots["unrolled"]["_start"] - dots["unrolled"]["_resume"]
+            == dots["scan"]["_start"] - dots["scan"]["_resume"]), dots
 
 def test_greedy_token_is_argmax():
     rng = np.random.default_rng(0)
