@@ -157,13 +157,14 @@ def base_config() -> mlc.ConfigDict:
     # pass on accelerators. Needs unsharded batch rows when set.
     c.sampler.prefill_tokens = 0
     # auto: continuous batching (decode slots refilled as rows finish) for calls with more
-    # prompts than sampler.max_batch, static chunks otherwise; static | continuous: always.
+    # prompts than sampler.max_batch or with prompts of more than one prefill size (each
+    # size prefilled at its own bucket), static chunks otherwise; static | continuous: always.
     c.sampler.batching = "auto"
     # The rollout and the harness's first call (independent) as one sampler call. False:
-    # separate calls, the same outputs (each row draws with its own key). On CPU separate
-    # calls halve the harness's seconds per step once compiled, for one more compiled
-    # program (~0.2 GB, slower first steps): worth it for long CPU runs only
-    # (docs/benchmarks.md, "The harness's generation per training step").
+    # separate calls, the same outputs (each row draws with its own key). The joined call
+    # (on the slot path, its prompt sizes prefilled apart) was the faster on the embedded
+    # default: 0.43x the three-call design's harness seconds against 0.49x for separate
+    # calls (docs/benchmarks.md, "The harness's generation per training step").
     c.sampler.join_calls = True
     # The weights the sampler reads: "train" = the training params as they are (fsdp-
     # sharded: every decode step all-gathers each layer); "decode" = a model.dtype copy

@@ -388,14 +388,15 @@ class Sampler:
         progress = _progress(most * count, self.show_progress and n_chunks > 1)
         t0 = time.perf_counter()
         # auto: the slot path (continuous batching) when the call has more prompts than
-        # slots. A call that fits the slots starts every prompt at once on the static path,
-        # all rows prefilled at the longest bucket. On the slot path (`continuous`) such a
-        # call is prefilled at up to two sizes (`prefill_groups`): on the embedded default
-        # that made the compiled joined calls ~13% faster, but it compiled a refill and a
-        # decode program per size where the static path compiles one, which cost the 16-step
-        # run as much time as it saved and 0.24 GB more peak memory (docs/benchmarks.md).
-        if self.batching == "continuous" or (self.batching == "auto" and n_chunks > 1):
-            groups = prefill_groups(per_bucket, self.prompt_buckets) if any(per_bucket) else None
+        # slots, or prompts of more than one prefill size (`prefill_groups`: the rollout
+        # joined with the harness's longer first call): it starts every row at once and
+        # prefills each size at its own bucket, where the static path prefills every row at
+        # the longest (embedded default: the harness's seconds 0.60x -> 0.43x the three-call
+        # design, docs/benchmarks.md). Other calls that fit the slots: the static path, one
+        # program (prefill + decode) instead of a refill and a decode program.
+        groups = prefill_groups(per_bucket, self.prompt_buckets) if any(per_bucket) else None
+        mixed = groups is not None and len({groups[b] for b, c in enumerate(per_bucket) if c}) > 1
+        if self.batching == "continuous" or (self.batching == "auto" and (n_chunks > 1 or mixed)):
             all_rows = RowSampling(keys, temps, top_ks, top_ps, limits)
             for idx, most_b, longest_b in self._slot_runs(b_of, longest, most, n_chunks, per_bucket):
                 run_rows = RowSampling(*(x[np.asarray(idx, np.int64)] for x in all_rows))

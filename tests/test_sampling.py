@@ -529,9 +529,9 @@ def _spy(sampler, name, record):
 
 
 def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model):
-    """On the slot path, a call that fits the slots but spans prompt buckets (the rollout
-    joined with longer harness prompts) starts every row at once, but prefills each
-    bucket's prompts at that bucket's size, not all at the longest; a call with more
+    """On the slot path (also by default), a call that fits the slots but spans prompt
+    buckets (the rollout joined with longer harness prompts) starts every row at once,
+    but prefills each bucket's prompts at that bucket's size, not all at the longest; a call with more
     prompts than slots (auto) runs one slot state per bucket, longest first, each with a
     cache of its own bucket. Greedy tokens equal the static path's (every row at the
     longest bucket)."""
@@ -543,16 +543,24 @@ def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model
     kw = dict(max_new_tokens=[3, 5, 4, 6, 2], rng=jax.random.key(0), temperature=0.0)
     static = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="static",
                      prompt_buckets=(8, 16, 32)).generate(params, prompts, **kw)
-    for batching in ("continuous",):
+    for batching in ("continuous", "auto"):  # auto: such a call takes the slot path too
         sampler = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, prompt_buckets=(8, 16, 32),
                           batching=batching)
-        refills, inits = [], []
+        refills, inits, starts = [], [], []
         _spy(sampler, "_refill", refills)
         _spy(sampler, "_slots_init", inits)
+        _spy(sampler, "_start", starts)
         out = sampler.generate(params, prompts, **kw)
         assert out.tokens == static.tokens
         assert sorted(args[2].shape for args, _ in refills) == [(2, 32), (4, 8)]  # rows (powers of two) x bucket
         assert [k["prompt_len"] for _, k in inits] == [32] and [k["batch"] for _, k in inits] == [8]
+        assert not starts
+    # auto, a call that fits the slots with one prefill size: the static path's one program.
+    refills.clear(), starts.clear()
+    assert sampler.generate(params, long, **{**kw, "max_new_tokens": 4}).tokens == Sampler(
+        cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="static", prompt_buckets=(8, 16, 32)
+    ).generate(params, long, **{**kw, "max_new_tokens": 4}).tokens
+    assert not refills and [args[1].shape for args, _ in starts] == [(2, 32)]
     # More prompts than the 2 slots: a slot state per bucket, the longest first.
     refills.clear(), inits.clear()
     small = Sampler(cfg, graphdef, mesh, max_batch=2, show_progress=False, prompt_buckets=(8, 16, 32))

@@ -6,7 +6,8 @@ layer loop). Each piece computes the same math as the core model; each exists be
 XLA:CPU made the plain form slow (docs/benchmarks.md has the measurements):
 - a scan over stacked weights copies each layer's weight slice out of the stack every
   decode step (the matmul library needs a plain buffer): `layer_weights` copies them
-  once per generation call and `forward_layers` unrolls the layers;
+  once per generation call and `forward_layers` unrolls the layers (the decode only: a
+  prefill is matmul-bound and runs through the scan, `Sampler._scanned_prefill`);
 - a lone matrix-vector product runs on one thread: `wo` and `w_down` as column blocks
   are independent products both threads run (`dense`);
 - with tied embeddings, logits as a multiply-reduce over the [V, D] table run ~1.4x
