@@ -12,12 +12,13 @@ one process on the same batches:
                   (Plan-Solve: the plan, then the solve), one sampler call each;
   two calls       rollout, then the harness's first call, one sampler call each, the
                   final call only where it is used, as below (`sampler.join_calls=False`);
-  joined, static  the rollout joined with the harness's first call (the default,
-                  `sampler.join_calls=True`), the final call only where it is used
+  joined, static  the rollout joined with the harness's first call
+                  (`sampler.join_calls=True`), the final call only where it is used
                   (`harness.reward_fraction`), every row prefilled at the call's
                   longest prompt bucket (`sampler.batching=static`);
-  joined, slots   the same call on the slot path (`sampler.batching=continuous`): every
-                  row starts at once, each prompt bucket prefilled at its own size.
+  joined, slots   the same call on the slot path (the default, `sampler.batching=auto`,
+                  for a call whose prompts span prefill sizes): every row starts at
+                  once, each prompt bucket prefilled at its own size.
 
 The harness's seconds are a way's time minus the rollout's. Every way runs once over all
 batches to compile, then is timed over the same batches; the mean per step is reported
