@@ -71,7 +71,7 @@ def test_plan_solve_generates_the_solve_only_for_final_rows(final):
 
 
 def test_a_sampler_that_does_not_join_gets_the_rollout_and_harness_calls_separately_with_the_same_outputs():
-    """`Sampler.join_calls` False (the CPU default): the rollout is its own sampler call,
+    """`Sampler.join_calls` False (an option): the rollout is its own sampler call,
     after the harness's, and every output is what the joined call gave."""
     task = make_task("math")
     harness = make_harness("plan_solve", task, {"plan_max_tokens": 64, "solve_max_tokens": 64})
