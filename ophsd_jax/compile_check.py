@@ -299,7 +299,7 @@ def run_programs(c, mesh: Mesh, *, preset: str | None = None, programs: set[str]
         first = lambda x, Bk=Bk: abstract((Bk, *x.shape[1:]), x.dtype, parallel.named_sharding(  # noqa: E731
             mesh, ("batch",) + (None,) * (x.ndim - 1), (Bk, *x.shape[1:])))  # the refill's rows of a batch arg
         refill_args = lambda args=args, slots=slots, first=first: (  # noqa: E731
-            args[0], slots(), first(args[1]), first(args[2]), first(row(jnp.int32)),
+            args[0], slots(), first(args[1]), first(args[2]), first(row(jnp.int32)), None,  # no shared prefill
             RowSampling(*map(first, args[3])), args[4])
         out.append(Program(f"generate_{name}_refill[B={Bk},P={prompt_len},new={new}]",
                            lambda a=refill_args, kw=per_call: sampler._refill.lower(*a(), **kw), sampler_resident))

@@ -157,8 +157,9 @@ def base_config() -> mlc.ConfigDict:
     # pass on accelerators. Needs unsharded batch rows when set.
     c.sampler.prefill_tokens = 0
     # auto: continuous batching (decode slots refilled as rows finish) for calls with more
-    # prompts than sampler.max_batch or with prompts of more than one prefill size (each
-    # size prefilled at its own bucket), static chunks otherwise; static | continuous: always.
+    # prompts than sampler.max_batch, with prompts of more than one prefill size (each
+    # size prefilled at its own bucket) or with repeated prompts (sampler.share_prefill),
+    # static chunks otherwise; static | continuous: always.
     c.sampler.batching = "auto"
     # The rollout and the harness's first call (independent) as one sampler call. False:
     # separate calls, the same outputs (each row draws with its own key). The joined call
@@ -166,6 +167,10 @@ def base_config() -> mlc.ConfigDict:
     # default: 0.43x the three-call design's harness seconds against 0.49x for separate
     # calls (docs/benchmarks.md, "The harness's generation per training step").
     c.sampler.join_calls = True
+    # Rows with the same prompt (an evaluation's eval.k samples of each example) share one
+    # prefill (on the slot path, which such calls take under batching=auto); each row still
+    # draws with its own key, so the samples are the same. False: a prefill per row.
+    c.sampler.share_prefill = True
     # The weights the sampler reads: "train" = the training params as they are (fsdp-
     # sharded: every decode step all-gathers each layer); "decode" = a model.dtype copy
     # made once per step, not fsdp-sharded (more memory, no per-token weight gathers).

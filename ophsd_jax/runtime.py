@@ -54,7 +54,8 @@ def load_model(c: mlc.ConfigDict, mesh):
 
 def make_sampler(c: mlc.ConfigDict, cfg, graphdef, mesh, tok, max_batch: int | None = None) -> Sampler:
     # The config.json of a run from before these keys existed: the Sampler's defaults.
-    newer = {k: c.sampler[k] for k in ("decode_segment", "prefill_tokens", "batching", "join_calls") if k in c.sampler}
+    newer = {k: c.sampler[k] for k in ("decode_segment", "prefill_tokens", "batching", "join_calls",
+                                                       "share_prefill") if k in c.sampler}
     if c.sampler.get("cache_dtype"):
         newer["cache_dtype"] = c.sampler.cache_dtype
     return Sampler(cfg, graphdef, mesh, max_batch=max_batch or c.sampler.max_batch,

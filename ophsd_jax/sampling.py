@@ -281,7 +281,8 @@ class Sampler:
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS, cache_dtype: str | None = None,
                  pad_id: int = 0, show_progress: bool = True, layer_loop: str = "auto", decode_segment: int = 128,
-                 prefill_tokens: int = 0, batching: str = "auto", join_calls: bool = True):
+                 prefill_tokens: int = 0, batching: str = "auto", join_calls: bool = True,
+                 share_prefill: bool = True):
         self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
@@ -289,6 +290,8 @@ class Sampler:
         # Whether `GenerateChat` makes independent calls (the rollout and the harness's
         # first call) one sampler call (config.py: sampler.join_calls says when not to).
         self.join_calls = bool(join_calls)
+        # Rows with the same prompt (avg@k's k samples) share one prefill on the slot path.
+        self.share_prefill = bool(share_prefill)
         if layer_loop == "auto":
             layer_loop = "unrolled" if mesh.devices.flat[0].platform == "cpu" else "scan"
         if layer_loop not in ("scan", "unrolled"):
@@ -367,11 +370,13 @@ class Sampler:
         # Statics of the program: every process must agree on them (one small allgather).
         nb = len(self.prompt_buckets)
         b_of = [bisect.bisect_left(self.prompt_buckets, len(p)) for p in prompts]  # nb: too long (raises below)
+        # rows whose prompt another row has too (avg@k)
+        repeats = n - len({tuple(p) for p in prompts}) if self.share_prefill else 0
         flags = [n, max((len(p) for p in prompts), default=1), int(limits.max(initial=1)), int(sampled.any()),
                  int((sampled & (top_ks > 0)).any()), int((sampled & (top_ps < 1)).any()),
-                 int(np.where(sampled, top_ks, 0).max(initial=0)),
+                 int(np.where(sampled, top_ks, 0).max(initial=0)), int(repeats > 0),
                  *np.bincount(np.asarray(b_of, np.int64), minlength=nb + 1)[:nb].tolist()]
-        most, longest, most_new, any_sampled, any_top_k, any_top_p, largest_k, *per_bucket = (
+        most, longest, most_new, any_sampled, any_top_k, any_top_p, largest_k, repeated, *per_bucket = (
             parallel.agree_max(flags) if count > 1 else flags)  # per_bucket: the most prompts a process has
         if most == 0:  # no process has a prompt: nothing to run (all agree on that)
             return SampleOutput([], np.zeros((0,), np.int32), [])
@@ -392,11 +397,13 @@ class Sampler:
         # joined with the harness's longer first call): it starts every row at once and
         # prefills each size at its own bucket, where the static path prefills every row at
         # the longest (embedded default: the harness's seconds 0.60x -> 0.43x the three-call
-        # design, docs/benchmarks.md). Other calls that fit the slots: the static path, one
-        # program (prefill + decode) instead of a refill and a decode program.
+        # design, docs/benchmarks.md). Also a call with repeated prompts (k samples of each
+        # prompt): a refill prefills each distinct prompt once (`_run_slots`). Other calls
+        # that fit the slots: the static path, one program (prefill + decode) instead of a
+        # refill and a decode program.
         groups = prefill_groups(per_bucket, self.prompt_buckets) if any(per_bucket) else None
         mixed = groups is not None and len({groups[b] for b, c in enumerate(per_bucket) if c}) > 1
-        if self.batching == "continuous" or (self.batching == "auto" and (n_chunks > 1 or mixed)):
+        if self.batching == "continuous" or (self.batching == "auto" and (n_chunks > 1 or mixed or repeated)):
             all_rows = RowSampling(keys, temps, top_ks, top_ps, limits)
             for idx, most_b, longest_b in self._slot_runs(b_of, longest, most, n_chunks, per_bucket):
                 run_rows = RowSampling(*(x[np.asarray(idx, np.int64)] for x in all_rows))
@@ -506,7 +513,12 @@ class Sampler:
         prompts taken by one refill are prefilled per bucket, each group at its own size
         (`groups`: bucket index -> the bucket index it is prefilled at; default its own).
         Multi-process: every decision that shapes a program (refill sizes, their prompt
-        buckets, whether to go on) is agreed, so all processes run the same programs."""
+        buckets, whether to go on) is agreed, so all processes run the same programs.
+
+        Rows with the same prompt (k samples of it) share its prefill: a refill prefills
+        each distinct prompt of a device's rows once and copies its cache to those rows
+        (`_refill_fn`'s `src`); the rows still draw with their own keys, so their tokens are
+        those of separate prefills. Identical prompts are dealt to the same device."""
         count = self.share[1]
         S = slots  # this process's slots
         P = bucket(longest, self.prompt_buckets, "prompt length")
@@ -528,39 +540,55 @@ class Sampler:
             # so far, then the most free slots.
             left = [[s for s in free if s // per_device == d] for d in range(local)]
             placed = [[[] for _ in range(local)] for _ in range(nb)]  # [bucket][device] -> (slot, prompt)
-            for i in sorted(take, key=lambda i: len(prompts[i])):
+            last = (None, -1)  # (the prompt placed last, its device)
+            for i in sorted(take, key=lambda i: len(prompts[i])):  # stable: a prompt's k copies stay adjacent
                 b = bisect.bisect_left(self.prompt_buckets, len(prompts[i]))
                 group = placed[groups[b] if groups else b]
                 d = min((d for d in range(local) if left[d]), key=lambda d: (len(group[d]), -len(left[d])))
+                if self.share_prefill and last[1] >= 0 and left[last[1]] and prompts[i] == last[0]:
+                    d = last[1]  # a copy of the last prompt: the same device, to share its prefill
                 group[d].append((left[d].pop(0), i))
+                last = (prompts[i], d)
+            # Distinct prompts per device in each refill a bucket can take (a fixed number
+            # of refills per bucket, so every process agrees on one list).
+            caps = [self._refill_rows(b, per_device) for b in range(nb)]
+            distinct = [max(len({tuple(prompts[i]) if self.share_prefill else i for _, i in g[start:start + caps[b]]})
+                            for g in placed[b]) for b in range(nb) for start in range(0, per_device, caps[b])]
             flags = [max(len(g) for g in groups) for groups in placed] + [len(queue), sum(o >= 0 for o in owner)
-                                                                          + len(take)]
-            *qs, waiting, active = parallel.agree_max(flags) if count > 1 else flags
+                                                                          + len(take)] + distinct
+            *qs, waiting, active = (flags := parallel.agree_max(flags) if count > 1 else flags)[:nb + 2]
+            distinct = iter(flags[nb + 2:])
+            distinct = [[next(distinct) for _ in range(0, per_device, caps[b])] for b in range(nb)]
             # At most `_refill_rows` rows per device a refill: its prefill's activations stay
             # within `prefill_tokens`, in one pass (grouping rows inside the refill would
             # hold a second cache of all of them).
-            for b, q_all, cap, start in ((b, q, cap, start) for b, q in enumerate(qs) if q
-                                         for cap in [self._refill_rows(b, per_device)]
-                                         for start in range(0, q, cap)):
+            for b, q_all, cap, start in ((b, q, caps[b], start) for b, q in enumerate(qs) if q
+                                         for start in range(0, q, caps[b])):
                 q = min(q_all - start, cap)
                 q = min(per_device, 1 << (q - 1).bit_length())  # rows per device: powers of two
-                kb, Pk = q * local, self.prompt_buckets[b]
-                toks, mask = np.full((kb, Pk), self.pad_id, np.int32), np.zeros((kb, Pk), np.int32)
+                u = min(q, 1 << (max(distinct[b][start // cap], 1) - 1).bit_length())  # prefill rows per device
+                kb, ku, Pk = q * local, u * local, self.prompt_buckets[b]
+                toks, mask = np.full((ku, Pk), self.pad_id, np.int32), np.zeros((ku, Pk), np.int32)
                 slots = np.full((kb,), per_device, np.int32)  # padding rows: out of range, dropped
+                src = np.zeros((kb,), np.int32)  # each row's prefill row, on its device
                 mask[:, -1] = 1  # padding rows see one (pad) token so their softmax is well defined
                 idx = np.zeros((kb,), np.int64)
                 for d, group in enumerate(placed[b]):
+                    first = {}  # prompt -> its prefill row on this device
                     for j, (s, i) in enumerate(group[start:start + q]):
-                        r = d * q + j
-                        toks[r], mask[r] = self.pad_id, 0
-                        toks[r, Pk - len(prompts[i]):], mask[r, Pk - len(prompts[i]):] = prompts[i], 1
+                        r, key = d * q + j, tuple(prompts[i]) if u < q else j  # u == q: a row each
+                        if key not in first:
+                            first[key] = m = d * u + len(first)
+                            toks[m], mask[m] = self.pad_id, 0
+                            toks[m, Pk - len(prompts[i]):], mask[m, Pk - len(prompts[i]):] = prompts[i], 1
+                        src[r] = first[key] - d * u
                         slots[r], owner[s], idx[r] = s - d * per_device, i, i
                 new = RowSampling(*(x[idx] if len(x) else np.zeros((kb, *x.shape[1:]), x.dtype) for x in rows))
                 sh = lambda x: parallel.named_sharding(self.mesh, ("batch",) + (None,) * (x.ndim - 1),  # noqa: E731
-                                                       (kb * count, *x.shape[1:]))
+                                                       (x.shape[0] * count, *x.shape[1:]))
                 put = lambda x: parallel.from_process_rows(x, sh(x), self.share)  # noqa: E731
                 self._poll()
-                state = self._refill(params, state, put(toks), put(mask), put(slots),
+                state = self._refill(params, state, put(toks), put(mask), put(slots), put(src) if u < q else None,
                                      RowSampling(*(put(x) for x in new)), stop,
                                      **per_call)
             if not active and not waiting:
@@ -607,23 +635,29 @@ class Sampler:
                                          *(rows(jnp.full((batch,), v, d)) for v, d in
                                            ((0, jnp.float32), (0, jnp.int32), (1, jnp.float32), (1, jnp.int32)))))
 
-    def _refill_fn(self, params, state: "SlotState", prompt, prompt_mask, slots, new: RowSampling, stop, *,
+    def _refill_fn(self, params, state: "SlotState", prompt, prompt_mask, slots, src, new: RowSampling, stop, *,
                    greedy: bool, use_top_k: bool, use_top_p: bool, top_k_cap: int) -> "SlotState":
         """Prefill `prompt` rows (left-padded to their bucket Pk) into decode slots: cache
         slots [P - Pk, P), first token. `slots[r]` is the slot of row r within the block
         of slots on the device that holds row r (rows and slots are split alike over the
         batch shards; out of range: a padding row, dropped), so every device writes only
         its own rows: a scatter across devices would gather the whole prefilled cache
-        (compile_check: 103 GiB per H100 at the paper's lengths)."""
+        (compile_check: 103 GiB per H100 at the paper's lengths). `src[r]`, where given:
+        row r's prompt row within the prompt rows of its device (rows sharing a prompt
+        share its prefill); None: prompt row r."""
         self.trace_count += 1
         with parallel.activation_mesh(self.mesh):
             model = nnx.merge(self.graphdef, params)
             forward, logits_fn, layers = self._layer_loop(model)
             n_new = state.out_tok.shape[1]
             P = state.kv_mask.shape[1] - n_new
-            k, Pk = prompt.shape
+            k, Pk = slots.shape[0], prompt.shape[1]
             positions = model_state.positions_from_mask(prompt_mask)
             last, part = self._prefill(model, prompt, positions, prompt_mask, 0, layers is not None)
+            if src is not None:  # per-row values from the shared prefill rows (the cache: `_write_rows`)
+                D = self.batch_shards
+                rows_of = src + (jnp.arange(k) // (k // D)) * (prompt.shape[0] // D)
+                last, positions, prompt_mask = (_rows_constrain(x[rows_of]) for x in (last, positions, prompt_mask))
             logits = logits_fn(last)
             first = sample_rows(logits, new, 0, greedy=greedy, use_top_k=use_top_k, use_top_p=use_top_p,
                                 top_k_cap=top_k_cap)
@@ -632,11 +666,13 @@ class Sampler:
                              jnp.zeros((k, n_new), jnp.float32).at[:, 0].set(_token_logprob(logits, first)),
                              jnp.ones((k,), jnp.int32), jnp.isin(first, stop) | (new.limit <= 1),
                              positions[:, -1] + 1, new)
-            return self._write_rows(state, rows, slots, P - Pk, per_layer=layers is not None)
+            return self._write_rows(state, rows, slots, P - Pk, per_layer=layers is not None, src=src)
 
-    def _write_rows(self, state: "SlotState", rows: "SlotState", slots, at: int, *, per_layer: bool) -> "SlotState":
+    def _write_rows(self, state: "SlotState", rows: "SlotState", slots, at: int, *, per_layer: bool,
+                    src=None) -> "SlotState":
         """`state` with each device's rows of `rows` written into its own slots `slots`
-        (local to the device's block; out of range: dropped); the cache rows at [at, at + Pk)."""
+        (local to the device's block; out of range: dropped); the cache rows at [at, at + Pk).
+        `src`: each row's cache row within its device's rows of `rows.cache` (None: its own)."""
         key_axes, value_axes = (a[1:] if per_layer else a for a in KVCache.AXES)
         b = 0 if per_layer else 1  # the cache's batch axis
         kinds = SlotState(KVCache(jax.tree.map(lambda _: ("k", key_axes), state.cache.k),
@@ -646,25 +682,27 @@ class Sampler:
         kinds, treedef = jax.tree.flatten(kinds, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], str))
         dest, new = treedef.flatten_up_to(state), treedef.flatten_up_to(rows)
 
-        def write(slots, dest, new):
+        def write(slots, src, dest, new):
             out = []
             for (kind, _), d, n in zip(kinds, dest, new):
                 idx = [slice(None)] * d.ndim
                 idx[b if kind != "row" else 0] = slots
                 if kind != "row":  # keys [.., K, Dh, S], values [.., K, S, Dh]
                     idx[-1 if kind == "k" else -2] = slice(at, at + n.shape[-1 if kind == "k" else -2])
+                    if src is not None:
+                        n = jnp.take(n, src, axis=b)
                 out.append(d.at[tuple(idx)].set(n.astype(d.dtype), mode="drop"))
             return out
 
         if self.batch_shards == 1:
-            out = write(slots, dest, new)
+            out = write(slots, src, dest, new)
         else:
             specs = lambda xs: [parallel.logical_to_spec(names, x.shape, self.mesh)  # noqa: E731
                                 for (_, names), x in zip(kinds, xs)]
-            out = jax.shard_map(write, mesh=self.mesh, in_specs=(parallel.logical_to_spec(("batch",), slots.shape,
-                                                                                           self.mesh),
+            row_spec = parallel.logical_to_spec(("batch",), slots.shape, self.mesh)
+            out = jax.shard_map(write, mesh=self.mesh, in_specs=(row_spec, None if src is None else row_spec,
                                                                  specs(dest), specs(new)),
-                                out_specs=specs(dest), check_vma=False)(slots, dest, new)
+                                out_specs=specs(dest), check_vma=False)(slots, src, dest, new)
         return jax.tree.unflatten(treedef, out)
 
     def _segment_fn(self, params, state: "SlotState", stop, segment, waits, want, *, greedy: bool,

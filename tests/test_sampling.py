@@ -322,8 +322,9 @@ def test_one_compilation_per_bucket(model):
     _, cfg, graphdef, params = model
     sampler = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=4, show_progress=False,
                       prompt_buckets=(16, 32), new_token_buckets=(8, 16))
-    # Same buckets (batch 3-4 -> 4 rows, prompts <= 16, new tokens <= 8), other lengths and settings.
-    calls = [(PROMPTS, 5, 1.0, 0, 1.0), (PROMPTS + [[9]], 7, 0.8, 0, 1.0), ([[1, 2, 3, 4] * 3] * 3, 8, 1.2, 0, 1.0)]
+    # Same buckets (batch 3-4 -> 4 rows, prompts <= 16, new tokens <= 8), other lengths and settings
+    # (distinct prompts: repeated ones take the slot path, test_repeated_prompts_share_one_prefill...).
+    calls = [(PROMPTS, 5, 1.0, 0, 1.0), (PROMPTS + [[9]], 7, 0.8, 0, 1.0), ([[1, 2, 3, 4] * 3, [2, 3, 4] * 4, [5] * 12], 8, 1.2, 0, 1.0)]
     for i, (prompts, new, temp, top_k, top_p) in enumerate(calls):
         sampler.generate(params, prompts, max_new_tokens=new, rng=jax.random.key(i), temperature=temp,
                          top_k=top_k, top_p=top_p, stop_tokens=[i])
@@ -569,6 +570,37 @@ def test_prompts_of_several_buckets_are_prefilled_each_at_their_own_bucket(model
     assert [k["prompt_len"] for _, k in inits] == [32, 8]
 
 
+def test_repeated_prompts_share_one_prefill_and_keep_their_own_samples(model):
+    """k samples of each prompt (avg@k): a refill prefills each distinct prompt once and
+    copies its cache to its rows, which still draw with their own keys, so every row's
+    tokens are those it gets with a prefill of its own (`batching=static`: one prefill per
+    row). By default (auto) such a call takes the slot path even when it fits the slots."""
+    _, cfg, graphdef, params = model
+    mesh = parallel.single_device_mesh()
+    k, base = 4, [RAGGED[1], RAGGED[4], RAGGED[9]]  # 3 distinct prompts of two buckets, 4 samples each
+    prompts = [p for p in base for _ in range(k)]
+    kw = dict(max_new_tokens=[3 + (5 * i) % 7 for i in range(len(prompts))],
+              rng=jax.random.split(jax.random.key(7), len(prompts)), temperature=1.0)
+    ref = Sampler(cfg, graphdef, mesh, max_batch=16, show_progress=False, batching="static",
+                  prompt_buckets=(8, 16, 32)).generate(params, prompts, **kw)
+    assert len({tuple(t) for t in ref.tokens}) > len(base)  # the copies really sampled differently
+    for max_batch, batching in ((16, "auto"), (8, "continuous")):  # all rows at once; refills as slots free
+        sampler = Sampler(cfg, graphdef, mesh, max_batch=max_batch, show_progress=False, batching=batching,
+                          prompt_buckets=(8, 16, 32))
+        refills = []
+        _spy(sampler, "_refill", refills)
+        out = sampler.generate(params, prompts, **kw)
+        assert out.tokens == ref.tokens, batching
+        for a, b in zip(out.logprobs, ref.logprobs):
+            np.testing.assert_allclose(a, b, rtol=0, atol=logprob_atol(cfg, graphdef, params, 12))
+        shapes = [(args[2].shape, args[4].shape[0]) for args, _ in refills]  # (prefilled rows x bucket, rows)
+        assert all((args[5] is None) == (args[2].shape[0] == args[4].shape[0]) for args, _ in refills)
+        assert sum(rows for _, rows in shapes) >= len(prompts)
+        assert sum(p[0] for p, _ in shapes) < sum(rows for _, rows in shapes) // 2, shapes
+        if batching == "auto":  # bucket 8: one prompt's 4 rows; bucket 32: two prompts' 8 rows
+            assert sorted(shapes) == [((1, 8), 4), ((2, 32), 8)]
+
+
 def test_a_refill_prefills_at_most_prefill_tokens_per_pass(model):
     """`prefill_tokens` bounds a refill's rows (its prefill's activations) on the slot path:
     a refill takes at most prefill_tokens // bucket rows (a power of two, at least one), so
@@ -630,6 +662,17 @@ def test_continuous_batching_on_a_sharded_mesh_matches_one_device(model):
     sharded = Sampler(cfg, graphdef, mesh, max_batch=8, show_progress=False, batching="continuous")
     out = sharded.generate(placed, RAGGED, max_new_tokens=limits, rng=jax.random.key(0), temperature=0.0)
     assert out.tokens == ref.tokens
+    # Repeated prompts (4 samples each) share a prefill per device: each row's samples are
+    # those of one device with a prefill per row.
+    prompts = [p for p in RAGGED[:6] for _ in range(4)]
+    kw = dict(max_new_tokens=[2 + (3 * i) % 7 for i in range(len(prompts))],
+              rng=jax.random.split(jax.random.key(2), len(prompts)), temperature=1.0)
+    ref = Sampler(cfg, graphdef, parallel.single_device_mesh(), max_batch=32, show_progress=False,
+                  batching="static").generate(params, prompts, **kw)
+    refills = []
+    _spy(sharded, "_refill", refills)
+    assert sharded.generate(placed, prompts, **kw).tokens == ref.tokens
+    assert any(args[5] is not None for args, _ in refills)
     with pytest.raises(ValueError, match="batching"):
         Sampler(cfg, graphdef, mesh, batching="dynamic")
 
