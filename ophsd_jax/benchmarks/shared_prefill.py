@@ -48,7 +48,7 @@ def main(argv=None):
     mesh = parallel.single_device_mesh()
     cfg, graphdef, params, tok = load_model(mesh, args.weights)
     prompts = workload(tok, args.prompts, args.k, args.length)
-    buckets = (1 << (args.length - 17).bit_length(), 1 << (args.length + 16).bit_length())
+    buckets = tuple(sorted({1 << (len(p) - 1).bit_length() for p in prompts}))  # powers of two
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} (host CPU: {cpu_model()}); "
           f"{args.prompts} prompts x {args.k} samples, {min(map(len, prompts))}-{max(map(len, prompts))} tokens "
           f"(buckets {buckets}), at most {args.new} new tokens, {args.slots} slots; best of {args.repeats}")
