@@ -59,9 +59,10 @@ def counting_generate(self, params, prompts, **kw):
 def sampler_check(run):
     """Greedy calls split unevenly over two processes: call 1 all on process 0 (two chunks
     of at most sampler.max_batch / 2 rows; process 1 has none), call 2 one prompt on process
-    0 and six on process 1. One process takes every prompt."""
+    0 and six on process 1; call 3 repeated prompts (shared prefills), four on process 0 and
+    two on process 1. One process takes every prompt."""
     prompts = [[(37 * i + 11 * j) % 900 + 10 for j in range(3 + i % 5)] for i in range(12)]
-    calls, on_first = [prompts[:5], prompts[5:]], [5, 1]
+    calls, on_first = [prompts[:5], prompts[5:], [prompts[3]] * 3 + [prompts[8]] * 3], [5, 1, 4]
     params = jax.jit(lambda p: jax.tree.map(lambda x: x * 8, p))(run.state.params)  # peaked logits: no near-ties
     out = []
     for call, k in zip(calls, on_first):
