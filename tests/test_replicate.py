@@ -253,7 +253,7 @@ def test_runs_of_an_earlier_report_join_with_include(tmp_path, monkeypatch):
                 "loss": [[1, 0.5]], "wall_seconds": 10.0}
 
     earlier = {"command": "x", "quick": True, "seeds": [0, 1], "k": R.QUICK["eval.k"],
-               "runs": {"base": [record("elsewhere/base", 0.25)],
+               "runs": {"base": [{**record("elsewhere/base", 0.25), "hardware": "one H200"}],
                         "ophsd": [record("elsewhere/ophsd_seed0", 0.5), record("elsewhere/ophsd_seed1", 0.0)]}}
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
@@ -274,7 +274,7 @@ def test_runs_of_an_earlier_report_join_with_include(tmp_path, monkeypatch):
     assert ophsd["per_seed_student"] == [0.5, 0.5] and ophsd["harness"]["mean"] == 0.5
     assert results["summary"]["claims"]["2_ophsd_student_minus_base_harness"]["mean"] == pytest.approx(-0.5)
     table = (out / "results.md").read_text()
-    assert f"base ({path}), ophsd_seed0 ({path})." in table and "ophsd_seed1 (" not in table
+    assert f"base ({path}; one H200), ophsd_seed0 ({path})." in table and "ophsd_seed1 (" not in table
 
     monkeypatch.setattr(R, "run_condition", lambda base, name, seed, out, quick: ran.append((name, seed)))
     R.replicate(base, str(out), conditions=["ophsd"], seeds=[0, 1, 2], quick=True, include=[str(path)])

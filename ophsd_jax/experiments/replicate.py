@@ -260,7 +260,8 @@ def write_table(results: dict, path: str) -> None:
     lines += ["", "| claim (paired over examples) | difference, points [95% CI] |", "|---|--:|"]
     for name, s in results["summary"]["claims"].items():
         lines.append(f"| {name} | {_fmt(s)} |")
-    earlier = [f"{os.path.basename(os.path.normpath(r['workdir']))} ({r['included_from']})"
+    earlier = [f"{os.path.basename(os.path.normpath(r['workdir']))} ({r['included_from']}"
+               + (f"; {r['hardware']}" if r.get("hardware") else "") + ")"  # a record may say where it ran
                for rs in results["runs"].values() for r in rs if "included_from" in r]
     if earlier:
         lines += ["", "Runs taken from earlier reports (--include): " + ", ".join(earlier) + "."]
