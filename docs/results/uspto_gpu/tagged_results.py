@@ -7,7 +7,9 @@ with `--include` (their work dirs are gone; the records hold what a report needs
 
 Per-example scores and the student curves are tagged.json's; the losses and wall-clock are
 the original results.json's (scoring does not change them). Runs without a final
-evaluation (the two `opsd` runs) are left out.
+evaluation (the two `opsd` runs) are left out. Example ids are named after the data file
+(`<file stem>-<row>`); the H200 read a copy of `schneider_dataSetA.csv` named `uspto.csv`,
+so its ids are renamed to the committed config's file (same rows, same split).
 """
 
 import json
@@ -15,6 +17,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+COPY, FILE = "uspto-", "schneider_dataSetA-"  # id prefixes: the copy the H200 read, the committed data file
 
 
 def main():
@@ -30,7 +33,7 @@ def main():
             if "examples" not in t:
                 continue
             runs.setdefault(condition, []).append({
-                "workdir": r["workdir"], "examples": t["examples"],
+                "workdir": r["workdir"], "examples": {FILE + i.removeprefix(COPY): v for i, v in t["examples"].items()},
                 "curve": sorted([int(s), v["mean"]] for s, v in t["student_by_step"].items()),
                 "loss": r["loss"], "wall_seconds": r["wall_seconds"], "hardware": "one NVIDIA H200 (sixth session)",
                 "scoring": "tagged [class]N<eoa> answers only, re-scored from the run's records"})
