@@ -214,6 +214,31 @@ def test_a_stop_during_the_last_steps_evaluation_does_not_start_the_final_one(tm
     assert not os.path.exists(R.final_eval_path(R.run_dir(str(tmp_path), "ophsd", 0), 2))
 
 
+def test_a_stop_ends_the_command_with_how_to_resume_not_an_error(tmp_path, monkeypatch, capsys):
+    """The command stopped by SIGTERM (a preemption): it exits with the line that says how to
+    resume, not as an error (no "error: Stopped" and no traceback file in out/errors/)."""
+    import importlib.util
+
+    from ophsd_jax import train
+    from ophsd_jax.experiments import replicate as R
+    from ophsd_jax.run import Run
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+
+    def stopped_at_step_1(c, workdir):
+        Run._stop_requested = True  # what the SIGTERM handler sets
+        return {"steps": 1}
+
+    monkeypatch.setattr(Run, "_stop_requested", False)
+    monkeypatch.setattr(train, "train", stopped_at_step_1)
+    with pytest.raises(SystemExit, match="stopped at step 1 of 2; run the same command again to resume"):
+        R.replicate_cli(tiny.get_config(), str(tmp_path), conditions=["ophsd"], seeds=[0], quick=True)
+    assert "error" not in capsys.readouterr().err
+    assert not (tmp_path / "errors").exists()
+
+
 def test_a_stop_during_the_final_evaluation_stops_it(tmp_path, monkeypatch):
     """SIGTERM during the final evaluation (harness re-attached): the evaluation's sampler
     polls the stop between decode segments, so the run stops without marking itself

@@ -386,22 +386,33 @@ def replicate(base, out: str, *, conditions: list[str], seeds: list[int], quick:
     return results
 
 
+def replicate_cli(base, out: str, **kwargs) -> dict:
+    """`replicate` as the command runs it: an error leaves its traceback in `out/errors/`
+    (`train.run_cli`); a stop (SIGTERM) is not an error: it exits with the line that says how
+    to resume, and writes no traceback."""
+    from ophsd_jax import train
+
+    def run():
+        try:
+            return replicate(base, out, **kwargs)
+        except Stopped as e:
+            return e
+
+    results = train.run_cli(run, out, command="replicate", create_workdir=True)
+    if isinstance(results, Stopped):
+        sys.exit(str(results))
+    return results
+
+
 def main(argv):
     del argv
-    from ophsd_jax import train
     from ophsd_jax.run import Run
 
     command = "python -m ophsd_jax.experiments.replicate " + " ".join(sys.argv[1:])
     signal.signal(signal.SIGTERM, Run.request_stop)  # preemption: the run in progress saves its step and stops
-    try:
-        results = train.run_cli(lambda: replicate(
-            FLAGS.config, FLAGS.out, conditions=[x for x in FLAGS.conditions.split(",") if x],
-            seeds=[int(x) for x in FLAGS.seeds.split(",") if x], quick=FLAGS.quick, report_only=FLAGS.report,
-            command=command, include=[x for x in FLAGS.include.split(",") if x]),
-            FLAGS.out, command="replicate", create_workdir=True)
-    except Stopped as e:
-        sys.exit(str(e))
-    del results
+    replicate_cli(FLAGS.config, FLAGS.out, conditions=[x for x in FLAGS.conditions.split(",") if x],
+                  seeds=[int(x) for x in FLAGS.seeds.split(",") if x], quick=FLAGS.quick, report_only=FLAGS.report,
+                  command=command, include=[x for x in FLAGS.include.split(",") if x])
     with open(os.path.join(FLAGS.out, "results.md")) as f:
         print(f.read())
 
