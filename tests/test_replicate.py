@@ -23,6 +23,16 @@ def _run(out, *extra):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
 
 
+def _tiny_config():
+    """configs/tiny.py's config (the file is not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    return tiny.get_config()
+
+
 def _records(path):
     return [json.loads(line) for line in open(path)]
 
@@ -89,16 +99,10 @@ def test_a_second_invocation_skips_finished_runs(quick):
 def test_split_seed_pins_the_held_out_set_across_seeds(tmp_path):
     """data.split_seed: runs of different seeds are evaluated on one held-out set; left at
     -1 the split follows `seed` (as before the key existed)."""
-    import importlib.util
-
     from ophsd_jax import runtime
 
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-
     def held_out(seed, split_seed):
-        c = tiny.get_config()
+        c = _tiny_config()
         c.seed, c.data.split_seed = seed, split_seed
         ev = runtime.load_data(c, str(tmp_path / f"{seed}_{split_seed}")).eval
         return [json.dumps(ev[i], sort_keys=True, default=str) for i in range(len(ev))]
@@ -190,15 +194,10 @@ def test_a_stop_during_the_last_steps_evaluation_does_not_start_the_final_one(tm
     """SIGTERM while the last step's evaluation runs: training returns having reached the
     last step, but the stop was asked for; the run must stop (checkpoint saved, resumed by
     the next invocation), not start the final evaluation with the harness."""
-    import importlib.util
-
     from ophsd_jax import train
     from ophsd_jax.experiments import replicate as R
     from ophsd_jax.run import Run
 
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
     evaluated = []
 
     def stopped_at_the_end(c, workdir):
@@ -209,7 +208,7 @@ def test_a_stop_during_the_last_steps_evaluation_does_not_start_the_final_one(tm
     monkeypatch.setattr(train, "train", stopped_at_the_end)
     monkeypatch.setattr(train, "evaluate_workdir", lambda workdir, config: evaluated.append(workdir))
     with pytest.raises(R.Stopped, match="run the same command again"):
-        R.run_condition(tiny.get_config(), "ophsd", 0, str(tmp_path), quick=True)
+        R.run_condition(_tiny_config(), "ophsd", 0, str(tmp_path), quick=True)
     assert evaluated == []
     assert not os.path.exists(R.final_eval_path(R.run_dir(str(tmp_path), "ophsd", 0), 2))
 
@@ -217,15 +216,9 @@ def test_a_stop_during_the_last_steps_evaluation_does_not_start_the_final_one(tm
 def test_a_stop_ends_the_command_with_how_to_resume_not_an_error(tmp_path, monkeypatch, capsys):
     """The command stopped by SIGTERM (a preemption): it exits with the line that says how to
     resume, not as an error (no "error: Stopped" and no traceback file in out/errors/)."""
-    import importlib.util
-
     from ophsd_jax import train
     from ophsd_jax.experiments import replicate as R
     from ophsd_jax.run import Run
-
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
 
     def stopped_at_step_1(c, workdir):
         Run._stop_requested = True  # what the SIGTERM handler sets
@@ -234,7 +227,7 @@ def test_a_stop_ends_the_command_with_how_to_resume_not_an_error(tmp_path, monke
     monkeypatch.setattr(Run, "_stop_requested", False)
     monkeypatch.setattr(train, "train", stopped_at_step_1)
     with pytest.raises(SystemExit, match="stopped at step 1 of 2; run the same command again to resume"):
-        R.replicate_cli(tiny.get_config(), str(tmp_path), conditions=["ophsd"], seeds=[0], quick=True)
+        R.replicate_cli(_tiny_config(), str(tmp_path), conditions=["ophsd"], seeds=[0], quick=True)
     assert "error" not in capsys.readouterr().err
     assert not (tmp_path / "errors").exists()
 
@@ -243,17 +236,12 @@ def test_a_stop_during_the_final_evaluation_stops_it(tmp_path, monkeypatch):
     """SIGTERM during the final evaluation (harness re-attached): the evaluation's sampler
     polls the stop between decode segments, so the run stops without marking itself
     finished. (Its sampler had no poll: the final evaluation ran on to the end.)"""
-    import importlib.util
-
     from ophsd_jax.experiments import replicate as R
     from ophsd_jax.run import Run
 
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
     monkeypatch.setattr(Run, "_stop_requested", True)  # what the SIGTERM handler sets
     with pytest.raises(R.Stopped, match="stopped during the final evaluation"):
-        R.run_condition(tiny.get_config(), "base", 0, str(tmp_path), quick=True)
+        R.run_condition(_tiny_config(), "base", 0, str(tmp_path), quick=True)
     workdir = R.run_dir(str(tmp_path), "base", 0)
     assert not os.path.exists(R.final_eval_path(workdir, 0))
     assert not os.path.exists(os.path.join(workdir, "eval", "step_0.jsonl"))
@@ -263,14 +251,9 @@ def test_runs_of_an_earlier_report_join_with_include(tmp_path, monkeypatch):
     """--include: a run whose work dir is not here comes from an earlier results.json (and is
     not run again); a run finished here wins over the earlier report's; the report names
     which runs came from where; a report made with other settings is refused."""
-    import importlib.util
-
     from ophsd_jax.experiments import replicate as R
 
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    base = tiny.get_config()
+    base = _tiny_config()
     ids = [f"ex{i}" for i in range(6)]
 
     def record(workdir, student):
