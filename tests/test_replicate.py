@@ -87,6 +87,46 @@ def test_results_are_recomputed_from_the_per_example_records(quick):
     assert claim["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
 
 
+COMMITTED = sorted(p for p in (ROOT / "docs" / "results").rglob("*.json") if "summary" in json.loads(p.read_text()))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT / "docs" / "results")))
+def test_committed_results_match_their_per_example_records(path):
+    """docs/results' numbers are the report's from the records each file carries (not edited
+    by hand, not left stale when a run is added): the means against a naive average, and the
+    whole summary recomputed (the bootstrap is seeded; float64 sums of <= 2,000 numbers in
+    [0, 1] agree to ~1e-13 across CPUs)."""
+    from ophsd_jax.experiments import replicate as R
+
+    results = json.loads(path.read_text())
+    runs, summary = results["runs"], results["summary"]
+    assert set(summary["conditions"]) == set(runs)
+    for name, rs in runs.items():
+        ids = sorted(rs[0]["examples"])
+        for which, key in ((0, "student"), (1, "harness")):
+            naive = np.mean([np.mean([r["examples"][i][which] or 0.0 for r in rs]) for i in ids])
+            assert summary["conditions"][name][key]["mean"] == pytest.approx(naive, abs=1e-12), (name, key)
+
+    def compare(a, b, where):
+        if isinstance(a, dict):
+            assert set(a) == set(b), where
+            for k in a:
+                compare(a[k], b[k], f"{where}/{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for x, y in zip(a, b):
+                compare(x, y, where)
+        else:
+            assert a == pytest.approx(b, abs=1e-12), where
+
+    compare(R.summarize(runs), summary, "summary")
+
+
+def test_committed_results_are_found():
+    # the parametrized test above must not silently run on nothing
+    assert {"arithmetic_small", "uspto", "uspto_gpu", "step1"} <= {p.parent.name for p in COMMITTED}
+
+
 def test_a_second_invocation_skips_finished_runs(quick):
     out, _ = quick
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/eval/*_harness.jsonl")}
