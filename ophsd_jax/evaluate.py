@@ -7,7 +7,9 @@ as a CLI on a work dir:
 
 With `--config`, the run's settings come from the config file (with overrides) instead
 of `<workdir>/config.json`, and a work dir without checkpoints evaluates the config's
-initial weights (the base model, with and without its harness) as step 0.
+initial weights (the base model, with and without its harness) as step 0. The checkpoint
+evaluates under any data, seed or batch size (the model must match), e.g. on your own
+held-out file: `--config.data.eval.kind=uspto_csv --config.data.eval.path=mine.csv`.
 
 Writes `<workdir>/eval/step_<N>.jsonl` (one line per example: prompt, responses,
 extracted answers, rewards, harness response) and `step_<N>_summary.json`. An example

@@ -191,11 +191,14 @@ class Run:
     # ---- checkpoints -------------------------------------------------------------------
 
     def _resume(self, step: int, state, host: dict, arrays: dict, for_eval: bool = False):
-        try:
-            self.data_iter.restore(host["data_iter"])
-        except ValueError as e:  # other data, batch size or seed
-            raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} does not fit this config: "
-                                         f"data {e}") from e
+        # Evaluation reads no training batch: a checkpoint evaluates under any data, batch
+        # size or seed (someone else's held-out set); training on needs the same ones.
+        if not for_eval:
+            try:
+                self.data_iter.restore(host["data_iter"])
+            except ValueError as e:  # other data, batch size or seed
+                raise IncompatibleCheckpoint(f"checkpoint {self.ckpt.directory}/{step} does not fit this config: "
+                                             f"data {e}") from e
         self.step, self.state, self._saved_step = step, state, step
         # The training harness's state (Draft–Verify's online bank). Evaluation builds its own
         # harness, so a checkpoint trained under another harness (OPSD's, evaluated with the

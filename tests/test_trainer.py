@@ -120,6 +120,24 @@ def test_evaluate_cli_writes_per_example_records(finished_run):
         assert len(r["responses"]) == 2
 
 
+def test_a_checkpoint_evaluates_on_another_held_out_set_and_seed(finished_run, tmp_path):
+    """`evaluate --config` on a trained work dir: its checkpoint, with the config's own
+    held-out set, seed and training data (someone else's evaluation). The data iterator's
+    state in the checkpoint is the training run's; it must not get in the way."""
+    workdir, _ = finished_run
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir / "checkpoints", wd / "checkpoints")  # (leave the shared run's eval/ alone)
+    proc = cli("ophsd_jax.evaluate", "--config", TINY, "--workdir", str(wd), "--config.seed=5",
+               "--config.data.train.seed=3", "--config.data.eval.kind=reasoning_gym", "--config.data.eval.size=3",
+               "--config.data.eval.seed=11", "--config.data.eval.families=(\"chain_sum\",)",
+               "--config.eval.num_examples=0", f"--config.train.compilation_cache_dir={SHARED_CACHE}")
+    assert f"resumed from {wd}/checkpoints/4" in proc.stderr  # the trained weights, not the initial ones
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["eval/examples"] == 3  # all of the given set (tiny's own held-out part has 8)
+    records = [json.loads(l) for l in open(wd / "eval" / "step_4.jsonl")]
+    assert len(records) == 3 and all(len(r["responses"]) == 2 for r in records)
+
+
 def test_export_loads_in_transformers_with_matching_logits(finished_run):
     import jax.numpy as jnp
     import torch
