@@ -40,6 +40,18 @@ def test_build_from_fixtures_matches_loader(tmp_path, task, spec):
     assert "tensorflow" not in sys.modules  # as_data_source() needs no TensorFlow
 
 
+def test_a_build_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    splits, _ = build_dataset("uspto", {"kind": "uspto_csv", "path": str(FIXTURES / "uspto_small.csv")},
+                              data_dir=tmp_path / "data", validation_size=0.25, split_seed=7)
+    assert len(splits["train"]) > 0
+    assert list(temp.iterdir()) == []
+
+
 def test_build_from_shared_files(tmp_path, shared_data):
     cases = [
         ("lawbench", {"kind": "lawbench_json", "path": str(shared_data / "lawbench" / "3-3_zero_shot.json")}, 100, 500),

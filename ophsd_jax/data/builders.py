@@ -27,6 +27,14 @@ _VERSION = "1.0.0"
 _REPORT_FILE = "ophsd_load_report.json"
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+    def initialize_from_bucket(self) -> None:
+        # Built from local files, never published to tfds's GCS bucket. (tfds's own version
+        # makes a temp dir for the bucket's files before finding none, and leaves it behind:
+        # one empty /tmp/tmp*tfds per first build.)
+        pass
+
+
 class _ExamplesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared builder: one JSON text feature per example, order preserved."""
 
@@ -48,7 +56,7 @@ class _ExamplesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(data_dir=str(data_dir), config=config, file_format="array_record", **kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self,
             description=f"OPHSD {self.task} examples as JSON text",
             features=tfds.features.FeaturesDict({"id": tfds.features.Text(), "json": tfds.features.Text()}),
